@@ -1,0 +1,1 @@
+"""Depth growth: expansion plans and the grow command."""

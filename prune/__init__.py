@@ -1,0 +1,1 @@
+"""Pruning: block importance, base selection and the prune command."""

@@ -1,0 +1,1 @@
+"""Engine, data, training and evaluation shared by grow and prune."""
