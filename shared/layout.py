@@ -45,6 +45,8 @@ class ArchLayout:
     """Submodules of a decoder layer with a ``layer_idx`` attribute (KV-cache index)."""
     per_layer_config: tuple[str, ...] = ()
     """Config fields that are lists with one entry per layer; reordered to follow the slots."""
+    fixed_bias: tuple[str, ...] | None = None
+    """Linears that always carry a bias (Qwen2: q, k, v); None: read attention_bias / mlp_bias."""
 
     def linear_path(self, target: str) -> str:
         for name, path in self.linears:
@@ -59,7 +61,30 @@ class ArchLayout:
         q = config.num_attention_heads * head_dim
         kv = config.num_key_value_heads * head_dim
         f = config.intermediate_size
-        return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (f, h), "up": (f, h), "down": (h, f)}
+        return {
+            "q": (q, h),
+            "k": (kv, h),
+            "v": (kv, h),
+            "o": (h, q),
+            "gate": (f, h),
+            "up": (f, h),
+            "down": (h, f),
+        }
+
+    def biased_linears(self, config: Any) -> tuple[str, ...]:
+        """Target short names whose linear carries a bias for this config."""
+        if self.fixed_bias is not None:
+            return self.fixed_bias
+        attn = ("q", "k", "v", "o") if getattr(config, "attention_bias", False) else ()
+        mlp = ("gate", "up", "down") if getattr(config, "mlp_bias", False) else ()
+        return attn + mlp
+
+    def block_param_count(self, config: Any) -> int:
+        """Parameters of one decoder block (weights, biases, norms), from the config alone."""
+        shapes = self.matrix_shapes(config)
+        weights = sum(o * i for o, i in shapes.values())
+        biases = sum(shapes[t][0] for t in self.biased_linears(config))
+        return weights + biases + len(self.norms) * config.hidden_size
 
 
 LAYOUTS: dict[str, ArchLayout] = {
@@ -68,7 +93,7 @@ LAYOUTS: dict[str, ArchLayout] = {
     "mistral": ArchLayout("mistral", "Mistral"),
     # Qwen2: q/k/v carry biases (shared with the block like the weights); `layer_types` says which
     # layers use sliding-window attention and must follow the slot order.
-    "qwen2": ArchLayout("qwen2", "Qwen2", per_layer_config=("layer_types",)),
+    "qwen2": ArchLayout("qwen2", "Qwen2", per_layer_config=("layer_types",), fixed_bias=("q", "k", "v")),
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(LAYOUTS)
@@ -80,7 +105,9 @@ def get_layout(config_or_type: Any) -> ArchLayout:
     Raises:
         PlanError: the architecture is not supported; the message lists the supported ones.
     """
-    model_type = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
+    model_type = (
+        config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
+    )
     try:
         return LAYOUTS[model_type]
     except KeyError:
