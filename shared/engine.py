@@ -134,7 +134,7 @@ def check_plan_fits(plan: Plan, config: PretrainedConfig) -> ArchLayout:
     return layout
 
 
-def apply_plan(source: PreTrainedModel, plan: Plan, *, init_adapters: bool = True) -> PreTrainedModel:
+def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = True) -> PreTrainedModel:
     """Build the shared-block model of `plan` from `source`.
 
     The source model is consumed: its Parameters are reused (not copied) by the new model, and
@@ -144,7 +144,8 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_adapters: bool = Tru
     Args:
         source: a loaded model of a supported family (see ``layout.SUPPORTED_MODEL_TYPES``).
         plan: the slot stack; validated against the source config first.
-        init_adapters: initialise adapters as the plan says (False when weights are loaded next).
+        init_slot_params: initialise adapters and private norms as the plan says (False when the
+            slot parameters are loaded next; blocks the plan removed may then be absent).
 
     Returns:
         A ``Shared<Family>ForCausalLM`` with ``.plan`` and ``.source_config``, verified.
@@ -160,7 +161,8 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_adapters: bool = Tru
     for path in layout.top_modules:
         model.set_submodule(path, source.get_submodule(path))
     slots = [
-        _build_slot(i, spec, config, layout, src_layers, init_adapters) for i, spec in enumerate(plan.slots)
+        _build_slot(i, spec, config, layout, src_layers, init_slot_params)
+        for i, spec in enumerate(plan.slots)
     ]
     model.set_submodule(layout.layers_path, nn.ModuleList(slots))
     model.plan = plan
@@ -177,7 +179,7 @@ def _build_slot(
     config: PretrainedConfig,
     layout: ArchLayout,
     src_layers: nn.ModuleList,
-    init_adapters: bool,
+    init_slot_params: bool,
 ) -> nn.Module:
     src = src_layers[spec.block]
     with torch.device("meta"):
@@ -188,15 +190,19 @@ def _build_slot(
     for name, b in src.named_buffers():
         _set_param(layer, name, b)
     if spec.own_norms:
+        # A replacement slot (svd_from = the block it replaces) starts from that block's norms,
+        # so that a full-rank adapter reproduces it exactly; a copy starts from its source's.
+        replaces = spec.adapter.svd_from if spec.adapter else None
+        norm_src = src_layers[replaces] if init_slot_params and replaces is not None else src
         for norm in layout.norms:
-            for pname, p in src.get_submodule(norm).named_parameters():
+            for pname, p in norm_src.get_submodule(norm).named_parameters():
                 _set_param(layer, f"{norm}.{pname}", nn.Parameter(p.detach().clone()))
     if spec.adapter is not None:
         a = spec.adapter
         for target in a.targets:
             path = layout.linear_path(target)
-            lora = make_lora(layer.get_submodule(path), a.rank, a.alpha)
-            if init_adapters:
+            lora = make_lora(layer.get_submodule(path), a.rank_for(target), a.alpha)
+            if init_slot_params:
                 target_w = src_layers[a.svd_from].get_submodule(path).weight if a.init == "svd" else None
                 init_lora(lora, a.init, target_w)
             layer.set_submodule(path, lora)
@@ -248,18 +254,14 @@ def verify(model: PreTrainedModel) -> None:
             else:
                 _check(id(p) not in seen_owned, f"slot {i}: slot-owned parameter {name} is shared")
                 seen_owned.add(id(p))
-        if spec.block in owners:
-            ref = owners[spec.block]
+        # every shared tensor of a block is one Parameter, whichever slot runs the block
+        ref = owners.setdefault(spec.block, {})
+        for name, p in shared.items():
+            q = ref.setdefault(name, p)
             _check(
-                set(ref) == set(shared), f"slot {i}: shared tensors differ from block {spec.block}'s owner"
+                p is q and p.data_ptr() == q.data_ptr(),
+                f"slot {i}: {name} is not the same Parameter as block {spec.block}'s",
             )
-            for name, p in shared.items():
-                _check(
-                    p is ref[name] and p.data_ptr() == ref[name].data_ptr(),
-                    f"slot {i}: {name} is not the same Parameter as block {spec.block}'s",
-                )
-        else:
-            owners[spec.block] = shared
         _verify_slot_modules(i, spec, layer, layout)
     for name, p in model.named_parameters():
         _check(p.device.type != "meta", f"parameter {name} is still on the meta device")
@@ -270,12 +272,22 @@ def _verify_slot_modules(i: int, spec: SlotSpec, layer: nn.Module, layout: ArchL
     want = {layout.linear_path(t) for t in spec.adapter.targets} if spec.adapter else set()
     have = {canonical_name(n) for n in loras}
     _check(have == want, f"slot {i}: adapters on {sorted(have)}, plan says {sorted(want)}")
-    for m in loras.values():
-        a, _, _ = lora_factors(m)
-        _check(a.shape[0] == spec.adapter.rank, f"slot {i}: adapter rank {a.shape[0]} != {spec.adapter.rank}")
+    for target in spec.adapter.targets if spec.adapter else ():
+        a, _, _ = lora_factors(loras[_lora_name(layer, layout.linear_path(target))])
+        want_r = spec.adapter.rank_for(target)
+        _check(
+            a.shape[0] == want_r, f"slot {i}: adapter on {target!r} has rank {a.shape[0]}, plan says {want_r}"
+        )
     norms = {canonical_name(n) for n, m in layer.named_modules() if isinstance(m, OutputNorm)}
     want_norms = {layout.attn_out, layout.mlp_out} if spec.out_norm else set()
     _check(norms == want_norms, f"slot {i}: output norms on {sorted(norms)}, plan says {sorted(want_norms)}")
+
+
+def _lora_name(layer: nn.Module, path: str) -> str:
+    for name, m in layer.named_modules():
+        if isinstance(m, SharedLoraLinear) and canonical_name(name) == path:
+            return name
+    raise VerifyError(f"no adapter on {path}")
 
 
 def _check(cond: bool, message: str) -> None:

@@ -25,6 +25,8 @@ class ArchLayout:
     """Dotted path from the CausalLM module to the ModuleList of decoder layers."""
     top_modules: tuple[str, ...] = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
     """Modules outside the decoder stack, carried over unchanged when a shared model is built."""
+    buffer_modules: tuple[str, ...] = ("model.rotary_emb",)
+    """Top modules holding only derived buffers, rebuilt from the config when loading."""
     linears: tuple[tuple[str, str], ...] = (
         ("q", "self_attn.q_proj"),
         ("k", "self_attn.k_proj"),

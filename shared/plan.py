@@ -49,10 +49,16 @@ class AdapterSpec:
     """LoRA alpha; the adapter output is scaled by alpha / rank. None means alpha = rank (scale 1)."""
     svd_from: int | None = None
     """For init=svd: the source block i whose weights the adapter approximates (W_i - W_block)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-target rank overrides (as peft's rank_pattern), e.g. {"k": 8, "v": 8} for GQA k/v."""
 
-    @property
-    def scaling(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank
+    def rank_for(self, target: str) -> int:
+        """The rank of the adapter on `target`."""
+        return self.rank_pattern.get(target, self.rank)
+
+    def scaling_for(self, target: str) -> float:
+        """The factor on the adapter output: alpha / rank of that target (1 when alpha is None)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank_for(target)
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,8 @@ class SlotSpec:
     out_norm: OutNormSpec | None = None
     """Output feature norm of this slot, or None."""
     own_norms: bool = False
-    """True: the slot has private copies of the block's input and post-attention norms.
+    """True: the slot has private copies of the input and post-attention norms, initialised from
+    block ``adapter.svd_from`` when set (the block the slot replaces), else from ``block``.
     False: it uses the block's own norm Parameters (shared)."""
 
     @property
@@ -178,6 +185,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["format"] = PLAN_FORMAT
+        d["slots"] = list(d["slots"])
         for s in d["slots"]:
             if s["adapter"] is not None:
                 s["adapter"]["targets"] = list(s["adapter"]["targets"])
@@ -204,8 +212,16 @@ class Plan:
             _check_keys(s, {"block", "adapter", "out_norm", "own_norms"}, where)
             ad = s.get("adapter")
             if ad is not None:
-                _check_keys(ad, {"rank", "targets", "init", "alpha", "svd_from"}, f"{where}.adapter")
-                ad = AdapterSpec(**{**ad, "targets": tuple(ad.get("targets", TARGETS))})
+                _check_keys(
+                    ad, {"rank", "targets", "init", "alpha", "svd_from", "rank_pattern"}, f"{where}.adapter"
+                )
+                ad = AdapterSpec(
+                    **{
+                        **ad,
+                        "targets": tuple(ad.get("targets", TARGETS)),
+                        "rank_pattern": dict(ad.get("rank_pattern") or {}),
+                    }
+                )
             on = s.get("out_norm")
             if on is not None:
                 _check_keys(on, {"gamma", "eps"}, f"{where}.out_norm")
@@ -238,7 +254,8 @@ class Plan:
             if s.adapter:
                 a = s.adapter
                 src = f" from {a.svd_from}" if a.svd_from is not None else ""
-                parts.append(f"adapter r={a.rank} [{','.join(a.targets)}] init={a.init}{src}")
+                pattern = "".join(f" {t}:{r}" for t, r in a.rank_pattern.items())
+                parts.append(f"adapter r={a.rank}{pattern} [{','.join(a.targets)}] init={a.init}{src}")
             if s.out_norm:
                 parts.append(f"out_norm gamma={s.out_norm.gamma:g}")
             if s.own_norms:
@@ -274,11 +291,20 @@ def _validate_adapter(
         raise PlanError(f"{where}.svd_from is only allowed with init='svd' (init={a.init!r})")
     if a.alpha is not None and not a.alpha > 0:
         raise PlanError(f"{where}.alpha={a.alpha!r}: must be > 0 (or null for alpha = rank)")
+    for t, r in a.rank_pattern.items():
+        if t not in a.targets:
+            raise PlanError(
+                f"{where}.rank_pattern names {t!r}, which is not a target; targets: {list(a.targets)}"
+            )
+        if not isinstance(r, int) or r < 1:
+            raise PlanError(f"{where}.rank_pattern[{t!r}]={r!r}: must be an integer >= 1")
     if matrix_shapes:
         for t in a.targets:
             out_f, in_f = matrix_shapes[t]
-            if a.rank > min(out_f, in_f):
+            r = a.rank_for(t)
+            if r > min(out_f, in_f):
+                field_name = f"rank_pattern[{t!r}]" if t in a.rank_pattern else "rank"
                 raise PlanError(
-                    f"{where}.rank={a.rank} exceeds the size of target {t!r} ({out_f}x{in_f}): "
+                    f"{where}.{field_name}={r} exceeds the size of target {t!r} ({out_f}x{in_f}): "
                     f"allowed 1..{min(out_f, in_f)}"
                 )
