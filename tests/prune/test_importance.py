@@ -17,8 +17,6 @@ from flexigpt.prune.importance import (
 )
 from flexigpt.shared.tiny import TINY_ARCHS, tiny_model
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
 
 def _samples(n: int = 3, length: int = 24, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -146,13 +144,10 @@ def test_calibration_samples_pack_and_truncate() -> None:
         list(calibration_samples(texts, encode, num_samples=1, seq_len=1))
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "wikitext-2" / "valid.txt").is_file(), reason="shared data not present"
-)
-def test_block_influence_on_wikitext_with_the_llama2_tokenizer() -> None:
+def test_block_influence_on_wikitext_with_the_llama2_tokenizer(shared_data: Path) -> None:
     sentencepiece = pytest.importorskip("sentencepiece")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(SHARED_DATA / "tokenizers" / "llama2-32k.model"))
-    lines = (SHARED_DATA / "wikitext-2" / "valid.txt").read_text().splitlines()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(shared_data / "tokenizers" / "llama2-32k.model"))
+    lines = (shared_data / "wikitext-2" / "valid.txt").read_text().splitlines()
     samples = list(calibration_samples(lines, sp.encode, num_samples=4, seq_len=64, bos_id=sp.bos_id()))
     assert len(samples) == 4 and all(s.shape == (1, 64) for s in samples)
     assert sp.decode(samples[0][0, 1:].tolist()).strip()[:10] in " ".join(lines)
