@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import struct
 
-import flexigpt.shared  # noqa: F401  (registers the format with the Auto classes)
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+import flexigpt.shared  # noqa: F401  (registers the format with the Auto classes)
 from flexigpt.shared.checkpoint import CheckpointError, is_compact, load_compact, load_model, save_compact
 from flexigpt.shared.engine import apply_plan, expected_trainable, stored_param_count, verify
 from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
 from flexigpt.shared.tiny import tiny_model
-from transformers import AutoModelForCausalLM
 
 TOKENS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from flexigpt.shared.adapters import SharedLoraLinear, SharedWeightMergeError
 from flexigpt.shared.checkpoint import export_materialized
 from flexigpt.shared.engine import (
@@ -19,7 +21,6 @@ from flexigpt.shared.engine import (
 from flexigpt.shared.layout import get_layout
 from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, PlanError, SlotSpec
 from flexigpt.shared.tiny import tiny_model
-from transformers import AutoModelForCausalLM
 
 TOKENS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 

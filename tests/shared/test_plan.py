@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from flexigpt.shared.layout import get_layout
 from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, PlanError, SlotSpec
 from flexigpt.shared.tiny import tiny_config
