@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flexigpt.shared.layout import get_layout
 from torch import nn
 from tqdm.auto import tqdm
+
+from flexigpt.shared.layout import get_layout
 
 # One metric: (model, decoder layers, calibration samples, progress flag) -> (per-block scores, extras).
 MetricFn = Callable[

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flexigpt.shared.layout import get_layout
-from flexigpt.shared.plan import TARGETS
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
+
+from flexigpt.shared.layout import get_layout
+from flexigpt.shared.plan import TARGETS
 
 METRICS: dict[str, str] = {
     "low_rank": "eq. 2: residual of the rank-r adapter between rank-r reconstructions (default)",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from flexigpt.prune.importance import (
     IMPORTANCE_METRICS,
     ImportanceResult,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from flexigpt.prune.importance import ImportanceResult
 from flexigpt.prune.plots import plot_distances, plot_importance
 from flexigpt.prune.selection import (
