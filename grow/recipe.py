@@ -37,7 +37,8 @@ class GrowAdapterSection(Section):
         "lora",
         description="lora: B = 0, A Kaiming-random (standard LoRA; the copy starts as its source block and "
         "the adapter trains from step one; the method notes' reading, since SVD init has no target when "
-        "growing). zero: A = B = 0 (gradients of both factors start at zero).",
+        "growing). zero: A = B = 0; both factors then get zero gradients and stay zero, so the copy keeps "
+        "exactly its block's weights (for exact-copy checks, or to train only the norms).",
     )
     alpha: float | None = Field(
         None,
@@ -66,8 +67,9 @@ class GrowOutNormSection(Section):
         0.01,
         ge=0,
         description="Initial value of every gamma entry. Not reported by the paper ('a small value'); 0 makes "
-        "each new slot add nothing, so the grown model computes exactly the source model; 0.01 (default) "
-        "starts close to it while every slot parameter gets gradients from the first step.",
+        "each new slot add nothing, so the grown model computes exactly the source model (only gamma gets a "
+        "gradient at the first step); 0.01 (default) starts close to it and the adapters' B factors get "
+        "gradients from the first step.",
     )
     eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon (not given by the paper).")
 
@@ -129,11 +131,18 @@ class GrowSection(Section):
             raise ValueError("end: null needs target_layers (the span is derived from it)")
         dense = STRATEGIES[self.strategy].kind == "dense"
         if dense:
-            shared_only = sorted({"adapter", "out_norm", "own_norms"} & self.model_fields_set)
+            # set explicitly to something other than "none" is a mistake worth naming; null / false
+            # (or leaving them out) is how a recipe written for a shared strategy switches to a dense one
+            given = self.model_fields_set
+            shared_only = [
+                k
+                for k in ("adapter", "out_norm", "own_norms")
+                if k in given and getattr(self, k) not in (None, False)
+            ]
             if shared_only:
                 raise ValueError(
                     f"{', '.join(shared_only)}: only the shared strategies (block, sequential) have adapters and "
-                    f"norms on the new slots; strategy={self.strategy!r} makes dense copies"
+                    f"norms on the new slots; strategy={self.strategy!r} makes dense copies (set them to null / false)"
                 )
         elif self.placement is not None:
             raise ValueError(
