@@ -172,6 +172,11 @@ class TrainSection(Section):
         description="What trains: adapters (LoRA factors), adapters+norms (plus output norms and slot-owned "
         "norms; the paper's reading), or all (every parameter, shared blocks included).",
     )
+    trainable_layers: list[int] | None = Field(
+        None,
+        description="Restrict training to the parameters of these slots (model.layers indices), after the "
+        "`trainable` rule; null: every slot. LLaMA-Pro trains only its inserted layers.",
+    )
     ds_config: str = Field(
         "ds_configs/zero2.json",
         description="DeepSpeed JSON config; relative paths are tried against the working directory, then the "

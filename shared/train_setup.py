@@ -102,17 +102,37 @@ def build_model(section: ModelSection, dtype: torch.dtype, *, init_adapters: boo
     return apply_plan(model, plan, init_slot_params=init_adapters)
 
 
-def make_trainable(model: PreTrainedModel, rule: str) -> int:
-    """Apply the trainable rule of the recipe; returns the trainable parameter count.
+def make_trainable(model: PreTrainedModel, rule: str, layers: list[int] | None = None) -> int:
+    """Apply the trainable rule of the recipe, optionally restricted to some slots.
+
+    Args:
+        model: a shared-block model.
+        rule: adapters | adapters+norms | all (see ``engine.set_trainable``, which checks the count).
+        layers: slot indices (``model.layers``) whose parameters may train; None: every slot.
+            Parameters outside the decoder stack (embeddings, final norm, head) are frozen then.
+
+    Returns:
+        The number of trainable parameters.
 
     Raises:
-        RecipeError: the rule leaves nothing to train (e.g. ``adapters`` on a plan without adapters).
+        RecipeError: a slot index is out of range, or nothing is left to train.
     """
     count = set_trainable(model, rule)
+    if layers is not None:
+        stack = model.get_submodule("model.layers")
+        bad = [i for i in layers if not 0 <= i < len(stack)]
+        if bad:
+            raise RecipeError(
+                f"train.trainable_layers: {bad} out of range; the model has slots 0..{len(stack) - 1}"
+            )
+        keep = {id(p) for i in layers for p in stack[i].parameters()}
+        for p in model.parameters():
+            p.requires_grad_(p.requires_grad and id(p) in keep)
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if count == 0:
         raise RecipeError(
-            f"train.trainable={rule!r} leaves no parameter to train for this plan (it has no adapters or norms); "
-            "use 'all' or a plan with adapters"
+            f"train.trainable={rule!r} (train.trainable_layers={layers}) leaves no parameter to train for this "
+            "plan; use 'all', a plan with adapters, or other layers"
         )
     return count
 

@@ -181,7 +181,7 @@ def train(
             "train.export: the plan has output norms, which a materialised plain model cannot hold; use 'compact'"
         )
     model.config.use_cache = False
-    n_trainable = make_trainable(model, t.trainable)
+    n_trainable = make_trainable(model, t.trainable, t.trainable_layers)
     plan_json = model.plan.to_json()
     fpt = flops_per_token(model, seq_len)
     if t.gradient_checkpointing:
@@ -342,27 +342,10 @@ class _Loop:
         engine.train()
         with _StopRequest() as stop:
             while step < self.total_steps:
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                for m in range(self.accum):
-                    batch = self.loader.next_batch()
-                    if self.trace is not None:
-                        self.trace.write(
-                            json.dumps({"step": step + 1, "micro": m, "seqs": fingerprint(batch)}) + "\n"
-                        )
-                        self.trace.flush()
-                    batch = batch.to(self.device)
-                    loss = engine(input_ids=batch, labels=batch).loss
-                    engine.backward(loss)
-                    engine.step()
-                    loss_sum += loss.detach().double().cpu()
+                flags = self.train_step(step + 1, stop)
                 step += 1
                 tokens_seen += self.global_batch * self.recipe.data.seq_len
                 window_tokens += self.global_batch * self.recipe.data.seq_len
-                # one collective per step: mean loss over ranks and whether any rank got a signal
-                flags = torch.tensor(
-                    [loss_sum.item() / self.accum, 1.0 if stop.signum else 0.0], dtype=torch.float64
-                )
-                flags = self._all_reduce(flags)
                 result.last_loss = float(flags[0]) / self.world
                 stopping = bool(flags[1] > 0)
                 bar.update(1)
@@ -385,6 +368,30 @@ class _Loop:
             result.checkpoint = self._save(step, tokens_seen)
         result.step, result.tokens_seen = step, tokens_seen
         return result
+
+    def train_step(self, step: int, stop: _StopRequest | None = None) -> torch.Tensor:
+        """One optimizer step (`accum` micro-batches) numbered `step`; `stop` is read after the step.
+
+        Returns:
+            [sum over ranks of the mean micro-batch loss, number of ranks that got a stop signal],
+            from the step's one collective.
+        """
+        engine = self.engine
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m in range(self.accum):
+            batch = self.loader.next_batch()
+            if self.trace is not None:
+                self.trace.write(json.dumps({"step": step, "micro": m, "seqs": fingerprint(batch)}) + "\n")
+                self.trace.flush()
+            batch = batch.to(self.device)
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+        # one collective per step: mean loss over ranks and whether any rank got a signal
+        signalled = stop is not None and stop.signum is not None
+        flags = torch.tensor([loss_sum.item() / self.accum, 1.0 if signalled else 0.0], dtype=torch.float64)
+        return self._all_reduce(flags)
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":

@@ -122,10 +122,12 @@ def test_zero3_shared_parameters_get_the_gradients_of_every_slot(ws) -> None:
         assert got.abs().sum() > 0
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ws, tmp_path: Path) -> None:
-    ref = _run(ws, tmp_path / "ref", max_steps=6, checkpoint_every=2, keep_last=3)
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(stage: str, ws, tmp_path: Path) -> None:
+    kw = {"max_steps": 6, "checkpoint_every": 2, "keep_last": 3, "ds_config": f"ds_configs/zero{stage}.json"}
+    ref = _run(ws, tmp_path / "ref", **kw)
     out = tmp_path / "run"
-    _run(ws, out, max_steps=6, checkpoint_every=2, keep_last=3)
+    _run(ws, out, **kw)
     steps = [p.name for p in list_checkpoints(out / "checkpoints")]
     assert steps == ["step_00000006", "step_00000004", "step_00000002"]
     # corrupt the newest in place (same size: only the checksum notices) and truncate the next one
@@ -137,7 +139,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ws, tmp_path: 
     model_states = next(middle.glob("*model_states.pt"))
     model_states.write_bytes(model_states.read_bytes()[:100])
     with pytest.warns(UserWarning, match="step_00000006 is incomplete or corrupt .*crc32"):
-        res = _run(ws, out, max_steps=6, checkpoint_every=2, keep_last=3)
+        res = _run(ws, out, **kw)
     assert res.step == 6
     # it resumed from step 2 and redid steps 3-6 exactly as the uninterrupted run did
     want, got = consolidated_state_dict(ref.checkpoint), consolidated_state_dict(res.checkpoint)
@@ -205,3 +207,27 @@ def test_export_from_a_checkpoint_without_an_engine(ws, tmp_path: Path) -> None:
     twin = AutoModelForCausalLM.from_pretrained(again)
     for (n, p), (_, q) in zip(compact.named_parameters(), twin.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_trainable_layers_restrict_the_rule(ws) -> None:
+    from flexigpt.shared.recipe import RecipeError
+    from flexigpt.shared.train_setup import build_model, make_trainable
+
+    r = recipe_from_dict(recipe_dict(ws, Path("unused")))
+    model = build_model(r.model, torch.float32)
+    layers = model.model.layers
+    count = make_trainable(model, "all", [4, 5])
+    want = {id(p): p.numel() for i in (4, 5) for p in layers[i].parameters()}
+    assert count == sum(want.values())
+    assert layers[1].self_attn.q_proj.weight.requires_grad  # block 1 is run by slot 4 too
+    assert (
+        not layers[0].self_attn.q_proj.weight.requires_grad
+        and not model.model.embed_tokens.weight.requires_grad
+    )
+    assert make_trainable(model, "adapters", None) == sum(
+        p.numel() for n, p in model.named_parameters() if "lora_" in n
+    )
+    with pytest.raises(RecipeError, match=r"trainable_layers: \[9\] out of range; the model has slots 0..5"):
+        make_trainable(model, "all", [9])
+    with pytest.raises(RecipeError, match="leaves no parameter to train"):
+        make_trainable(model, "adapters", [0, 1])

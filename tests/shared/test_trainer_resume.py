@@ -72,8 +72,8 @@ def _trace(out: Path) -> list[dict]:
     return entries
 
 
-def _run_until_step(cmd: list[str], out: Path, log, target: int) -> int:
-    """Start the command; SIGKILL it once it has begun step `target` (read from its data trace)."""
+def _run_until_step(cmd: list[str], out: Path, log, target: int, sig: int = signal.SIGKILL) -> int:
+    """Start the command; send `sig` once it has begun step `target` (read from its data trace)."""
     trace = out / "data_trace.rank0.jsonl"
     offset = trace.stat().st_size if trace.exists() else 0
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT)
@@ -84,7 +84,7 @@ def _run_until_step(cmd: list[str], out: Path, log, target: int) -> int:
                 f.seek(offset)
                 steps = [json.loads(ln)["step"] for ln in f.read().splitlines() if ln.endswith("}")]
             if steps and max(steps) >= target:
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 break
         time.sleep(0.02)
     return proc.wait(timeout=60)
@@ -101,18 +101,24 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path: Path) ->
             == 0
         )
 
-    kills = sorted(random.Random(20261122).sample(range(2, STEPS), 3))
+    kills = sorted(random.Random(20261122).sample(range(2, STEPS - 2), 3))
     with open(tmp_path / "run.log", "w") as log:
         for target in kills:
             assert _run_until_step(_command(ws, run_out), run_out, log, target) == -signal.SIGKILL, (
                 tmp_path / "run.log"
             ).read_text()[-3000:]
+        # SIGTERM (a scheduler's preemption): the run checkpoints the step it is in, then exits 128 + 15
+        code = _run_until_step(_command(ws, run_out), run_out, log, STEPS - 3, signal.SIGTERM)
+        assert code == 128 + signal.SIGTERM, (tmp_path / "run.log").read_text()[-3000:]
+        termed = list_checkpoints(run_out / "checkpoints")[0]
+        assert STEPS - 3 <= int(termed.name[5:]) < STEPS
         final = subprocess.run(
             _command(ws, run_out), stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT
         )
     log_text = (tmp_path / "run.log").read_text()
     assert final.returncode == 0, log_text[-3000:]
     assert log_text.count("resumed from") >= 3
+    assert f"resumed from {termed} " in log_text
 
     # bit-identical weights (and optimizer-visible fp32 master weights) at the end
     ref_ckpt, run_ckpt = (
