@@ -251,7 +251,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 variants.append(Variant.from_dict(saved["variant"]))
                 continue
         t0 = time.time()
-        tokenizer = load_tokenizer(cfg.tokenizer or path)
+        try:
+            tokenizer = load_tokenizer(cfg.tokenizer or path)
+        except (OSError, ValueError) as e:
+            where = "tokenizer" if cfg.tokenizer else f"models.{name}"
+            raise ValueError(
+                f"{where}: cannot load a tokenizer from {cfg.tokenizer or path} ({e}); set tokenizer="
+            ) from e
         model = load_model(path, dtype=dtype).to(device).eval()
         variant = evaluate_variant(name, model, tokenizer, cfg, path)
         variant.extra.update(
@@ -291,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# resolved eval config\n{yaml.safe_dump(cfg.model_dump(mode='json'), sort_keys=False)}", flush=True
     )
-    report = run_eval(cfg)
+    try:
+        report = run_eval(cfg)
+    except (OSError, ValueError) as e:  # bad paths, tasks, tags, report inputs: named in the message
+        print(f"flexigpt-eval: {e}", file=sys.stderr)
+        return 2
     out = Path(cfg.output_dir)
     print((out / "report.md").read_text())
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(report['plots'])} plots", flush=True)

@@ -249,3 +249,8 @@ def test_eval_config_errors_name_the_key(tmp_path, capsys) -> None:
         load_config(None, ["models.a=x", f"output_dir={tmp_path}", "perplexity.context_len=8"])
     cfg = load_config(None, ["models.a=x", f"output_dir={tmp_path}", "zeroshot=null"])
     assert cfg.zeroshot is None and cfg.perplexity is None
+    tiny_model("llama2", num_layers=2).save_pretrained(tmp_path / "no_tok")
+    assert (
+        main([f"models.base={tmp_path / 'no_tok'}", f"output_dir={tmp_path / 'out'}", "zeroshot=null"]) == 2
+    )
+    assert "models.base: cannot load a tokenizer from" in capsys.readouterr().err
