@@ -19,6 +19,7 @@ on disk is refused: the started run is never overwritten.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,12 +143,11 @@ def build_initial(recipe: GrowRecipe, setup: GrowSetup, tokenizer: Any = None) -
 def _save_plain(model: Any, out: Path, tokenizer: Any) -> None:
     # written to a sibling first and renamed, so a killed run never leaves a half-written initial/
     tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier attempt
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
 
