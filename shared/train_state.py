@@ -239,9 +239,11 @@ def save_checkpoint(
     if rank == 0:
         _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": described}, indent=1) + "\n")
         final = root / tag
-        if final.exists():  # the same step written again after a resume: replace it
-            shutil.rmtree(final)
+        old = root / f".old-{tag}"
+        if final.exists():  # the same step written again (weights-only resume): swap, then delete
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         _write_atomic(root / "latest", tag + "\n")
         _prune(root, keep_last)
     _barrier()
@@ -275,7 +277,7 @@ def clean_partial(root: str | Path) -> None:
     """Delete temporary directories left by a save that was killed (rank 0 only)."""
     root = Path(root)
     if root.is_dir() and _rank_world()[0] == 0:
-        for p in root.glob(".tmp-step_*"):
+        for p in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:
             shutil.rmtree(p, ignore_errors=True)
     _barrier()
 

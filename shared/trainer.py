@@ -280,7 +280,9 @@ def train(
         n_trainable=n_trainable,
     )
     try:
-        result = loop.run(step, tokens_seen)
+        # a checkpoint loaded whole already holds this step; one loaded as weights only does not
+        have = chosen.path if chosen is not None and modes[0] == "full" else None
+        result = loop.run(step, tokens_seen, have)
     finally:
         loader.close()
         loop.close()
@@ -323,7 +325,8 @@ class _Loop:
         if self.trace is not None:
             self.trace.close()
 
-    def run(self, step: int, tokens_seen: int) -> TrainResult:
+    def run(self, step: int, tokens_seen: int, checkpoint: Path | None = None) -> TrainResult:
+        """Train from `step` to the end; `checkpoint` is the complete checkpoint of `step`, if any."""
         t, engine = self.t, self.engine
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -338,7 +341,9 @@ class _Loop:
         bar = tqdm(
             total=self.total_steps, initial=step, disable=self.rank != 0, desc="train", dynamic_ncols=True
         )
-        window_t, window_tokens, saved_at = time.perf_counter(), 0, None
+        window_t, window_tokens = time.perf_counter(), 0
+        saved_at = step if checkpoint is not None else None
+        result.checkpoint = checkpoint
         engine.train()
         with _StopRequest() as stop:
             while step < self.total_steps:

@@ -146,6 +146,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(stage: str, ws
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
+    # the finished run started once more: nothing to train, its checkpoint is left as it is
+    manifest = res.checkpoint / "manifest.json"
+    mtime = manifest.stat().st_mtime_ns
+    again = _run(ws, out, **kw)
+    assert again.step == 6 and again.checkpoint == res.checkpoint and manifest.stat().st_mtime_ns == mtime
 
 
 def test_resume_refuses_a_changed_plan_unless_asked(ws, tmp_path: Path) -> None:
