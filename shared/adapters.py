@@ -12,6 +12,8 @@ a sub-layer's *output*, so it is our own small wrapper around the sub-layer's la
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
@@ -32,6 +34,40 @@ class SharedLoraLinear(PeftLoraLinear):
             "refusing to merge a LoRA adapter into a shared weight (other slots run the same "
             "Parameter); use flexigpt.shared.engine.materialize(model) to get private merged copies"
         )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """peft's LoRA forward, with the adapter's up-projection fused into one GEMM.
+
+        peft computes ``result + lora_B(lora_A(x)) * scaling``: three passes over an output-sized
+        tensor after the up-projection. Here the up-projection accumulates into the base output in
+        the GEMM itself (``addmm`` with beta = 1), so the adapter costs two thin GEMMs and nothing
+        else; this is most of the gap between a shared model and its merged export. Anything
+        unusual (several adapters, variants, mixed batches, disabled or merged adapters, ZeRO-3
+        partitioned weights that only module hooks gather) takes peft's own path.
+        """
+        b = self.lora_B[ADAPTER_NAME].weight if ADAPTER_NAME in self.lora_B else None
+        if (
+            args
+            or kwargs
+            or b is None
+            or self.disable_adapters
+            or self.merged
+            or self.active_adapters != [ADAPTER_NAME]
+            or self.lora_variant
+            or hasattr(b, "ds_id")
+        ):
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        h = self.lora_A[ADAPTER_NAME](self.lora_dropout[ADAPTER_NAME](x.to(b.dtype)))
+        scale = self.scaling[ADAPTER_NAME]
+        if scale != 1.0:
+            h = h * scale  # rank-sized, cheap
+        out = torch.addmm(
+            result.reshape(-1, result.shape[-1]),
+            h.reshape(-1, h.shape[-1]).to(result.dtype),
+            b.t().to(result.dtype),
+        )
+        return out.view(result.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, the update this adapter adds to the base weight."""
