@@ -331,8 +331,9 @@ class _Loop:
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops scalars a killed run logged after its last checkpoint
-            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=step or None)
+            # purge_step drops the scalars a killed run logged after its last checkpoint (step
+            # `step` itself was logged before that checkpoint and stays)
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=step + 1 if step else None)
             print(
                 f"training {self.n_trainable:,} parameters, steps {step} -> {self.total_steps}, "
                 f"global batch {self.global_batch} x {self.recipe.data.seq_len} tokens, world size {self.world}"

@@ -141,6 +141,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(stage: str, ws
     with pytest.warns(UserWarning, match="step_00000006 is incomplete or corrupt .*crc32"):
         res = _run(ws, out, **kw)
     assert res.step == 6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # the scalars the first run logged after step 2 were purged; each step appears once
+    logged = [e.step for e in EventAccumulator(str(out / "tb")).Reload().Scalars("train/loss")]
+    assert logged == [2, 4, 6], logged
     # it resumed from step 2 and redid steps 3-6 exactly as the uninterrupted run did
     want, got = consolidated_state_dict(ref.checkpoint), consolidated_state_dict(res.checkpoint)
     assert want.keys() == got.keys()
