@@ -1,9 +1,11 @@
-"""Fixtures for the pruning tests: synthetic block weights with a known depth structure."""
+"""Fixtures for the pruning tests: synthetic block weights with a known depth structure, and a small
+workspace (tiny model, tokenizer, corpus) for the prune command."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +51,31 @@ def make_drifting_source(
 def drifting() -> Callable[..., BlockSource]:
     """The factory above (a fixture, so test modules need no import path tricks)."""
     return make_drifting_source
+
+
+@pytest.fixture(scope="session")
+def prune_workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tokenizer, corpus and a 6-layer tiny LLaMA-2 source model on disk, written once per session."""
+    from flexigpt.shared.tiny import tiny_model
+
+    from ..grow.conftest import write_corpus, write_tokenizer
+
+    root = tmp_path_factory.mktemp("prune_ws")
+    tiny_model("llama2", num_layers=6, hidden=32, heads=4).save_pretrained(root / "model")
+    return {
+        "tok": write_tokenizer(root / "tok"),
+        "corpus": write_corpus(root / "corpus"),
+        "model": root / "model",
+    }
+
+
+def prune_overrides(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Overrides that point recipes/prune/local-tiny.yaml at a workspace and an output directory."""
+    return [
+        f"model.source={ws['model']}",
+        f"model.tokenizer={ws['tok']}",
+        f"data.files=[{ws['corpus']}/*.jsonl]",
+        f"data.eval.files=[{ws['corpus']}/*.jsonl]",
+        f"output_dir={out}",
+        *extra,
+    ]
