@@ -31,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import traceback
 from collections import deque
 from itertools import islice
@@ -259,6 +260,10 @@ def _worker_main(args: tuple, out: mp.Queue, stop: Any) -> None:
     cfg, tokenizer, seq_len, index, count, tokenize_batch, add_bos, state = args
     torch.set_num_threads(1)
     parent = os.getppid()
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the training process turns
+    # them into a checkpoint and then stops the workers, so the workers must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         stream = PackedStream(cfg, tokenizer, seq_len, index, count, tokenize_batch, add_bos, state=state)
         while not stop.is_set():
