@@ -274,7 +274,7 @@ def _eos_ids(model: PreTrainedModel, eos_token_id: int | list[int] | None | str)
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def speculative_generate(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -311,10 +311,14 @@ def speculative_generate(
         The sequences (prompt + new tokens) and the statistics of the run.
 
     Raises:
-        ValueError: a bad argument (the message names it and what is allowed).
+        ValueError: a bad argument (the message names it and what is allowed), or a `draft`
+            built for another model.
     """
     _check_args(input_ids, max_new_tokens, draft_len, temperature, top_k, top_p)
     draft = draft if draft is not None else make_draft(model)
+    head = get_layout(model.config).top_modules[0]
+    if draft.model.get_submodule(head) is not model.get_submodule(head):
+        raise ValueError("draft: it was built for another model; pass make_draft(model) of this model")
     warp = _warpers(temperature, top_k, top_p) if do_sample else None
     eos = _eos_ids(model, eos_token_id)
     stats = SpeculativeStats(draft_len=draft_len, draft_slots=draft.slots)

@@ -178,6 +178,9 @@ def test_bad_arguments_name_what_is_allowed():
         make_draft(model, slots=(0, 1, 2, 3, 4, 5))
     with pytest.raises(ValueError, match="no .plan"):
         make_draft(tiny_model("llama2"))
+    other = make_draft(apply_plan(tiny_model("llama2"), grown_plan("llama")))
+    with pytest.raises(ValueError, match="another model"):
+        speculative_generate(model, PROMPT, 4, draft=other)
 
 
 # ------------------------------------------------------------------------------------ sampling
