@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml requirements/cpu.txt
 setup: $(BIN)/.installed
 
 quickstart: setup
-	$(BIN)/python -m flexigpt.shared.quickstart
+	$(BIN)/python -m flexigpt.quickstart
 
 test: setup
 	DS_ACCELERATOR=cpu OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q

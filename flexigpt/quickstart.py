@@ -1,0 +1,167 @@
+"""``python -m flexigpt.quickstart``: the whole job, small, offline, on CPU, resumable.
+
+    python -m flexigpt.quickstart [--out runs/quickstart] [--tiny]
+    flexigpt-quickstart [--out DIR] [--tiny]          (``make quickstart`` runs the first form)
+
+Steps (each one is skipped when an earlier run finished it; a killed step continues where it
+stopped, because the train / grow / prune commands resume from their checkpoints):
+
+1. corpus: the docstrings and comments of this Python's standard library, as SlimPajama-schema
+   jsonl with a held-out split by file (``flexigpt.corpus``);
+2. tokenizer: sentencepiece BPE on that corpus, loaded back through transformers and checked;
+3. base: a small Llama trained from scratch by the train command (``python -m flexigpt.shared.train``);
+4. grow: the grow command (``python -m flexigpt.grow``) repeats some of its blocks as shared slots
+   (FlexiGPT Block pattern) and trains the new slots briefly;
+5. prune: the prune command (``python -m flexigpt.prune``) removes a third of the base's blocks
+   and builds FlexiGPT, ShortGPT and ShortGPT+LoRA variants, with brief recovery training;
+6. eval: perplexity on the held-out split and a toy zero-shot task through lm-eval, for every
+   variant, then the report (``report.md``, ``report.json``, PNG plots) by ``flexigpt-eval``'s
+   ``run_eval``.
+
+Everything lands under ``--out``: ``corpus/``, ``tokenizer/``, ``base/``, ``grow/``, ``prune/``,
+``tasks/``, ``report/``, the recipes the commands ran (``recipes/``), their logs (``logs/``) and
+one completion record per step (``steps/``). ``--tiny`` runs the same path at a much smaller scale
+(about two minutes; the tests use it). The commands run as child processes with
+``DS_ACCELERATOR=cpu`` (without a GPU), ``OMP_WAIT_POLICY=PASSIVE`` and the Hugging Face offline
+switches set, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .quickstart_steps import SCALES, STEPS, Context, QuickstartError
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # spin-waiting OpenMP threads fight over 2 cores when anything else runs (environment notes)
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flexigpt-quickstart",
+        description="Offline CPU quickstart: stdlib corpus -> tokenizer -> small Llama -> grow, prune, train, "
+        "evaluate, report. Running it again resumes.",
+    )
+    p.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    p.add_argument(
+        "--tiny", action="store_true", help="the same steps at a much smaller scale (about two minutes)"
+    )
+    return p
+
+
+def set_environment() -> None:
+    """Offline and CPU settings for this process and its children (before torch / datasets load)."""
+    os.environ.update({k: v for k, v in OFFLINE_ENV.items() if k != "OMP_WAIT_POLICY"})
+    os.environ.setdefault("OMP_WAIT_POLICY", OFFLINE_ENV["OMP_WAIT_POLICY"])  # a user's choice stays
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def check_settings(ctx: Context) -> None:
+    """Refuse a run directory that was started with another scale; record the scale of a new one.
+
+    Raises:
+        QuickstartError: ``--out`` holds a run with other settings.
+    """
+    path = ctx.out / "quickstart.json"
+    mine = {"scale": ctx.scale.name, "settings": ctx.scale.as_dict()}
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            raise QuickstartError(
+                f"--out {ctx.out} holds a quickstart run with other settings (scale {theirs.get('scale')!r}); "
+                "use another --out, or delete that directory to start over"
+            )
+        return
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    _write_json(path, mine)
+
+
+def run(out: str | Path, tiny: bool = False, *, echo: bool = True) -> dict[str, Any]:
+    """Run (or resume) every step of the quickstart.
+
+    Args:
+        out: the run directory.
+        tiny: use the small scale.
+        echo: copy the commands' output to this process's stdout (it always goes to ``logs/``).
+
+    Returns:
+        The timings record written to ``out/timings.json``: seconds per step in this run (None for
+        a step an earlier run finished) and in total.
+
+    Raises:
+        QuickstartError: a step failed; the message names the step and its log.
+    """
+    set_environment()
+    ctx = Context(Path(out), SCALES["tiny" if tiny else "full"], echo=echo)
+    check_settings(ctx)
+    start = time.perf_counter()
+    timings: dict[str, float | None] = {}
+    n = len(STEPS)
+    for i, step in enumerate(STEPS, 1):
+        marker = ctx.out / "steps" / f"{step.name}.json"
+        if marker.is_file():
+            earlier = json.loads(marker.read_text())
+            print(
+                f"[{i}/{n}] {step.title}: done in an earlier run ({earlier['seconds']:.1f} s), skipped",
+                flush=True,
+            )
+            timings[step.name] = None
+            continue
+        print(f"[{i}/{n}] {step.title} ...", flush=True)
+        t0 = time.perf_counter()
+        info = step.fn(ctx)
+        seconds = time.perf_counter() - t0
+        _write_json(marker, {"step": step.name, "seconds": round(seconds, 1), **info})
+        timings[step.name] = round(seconds, 1)
+        print(f"[{i}/{n}] {step.title}: done in {seconds:.1f} s", flush=True)
+    total = time.perf_counter() - start
+    record = {"scale": ctx.scale.name, "steps": timings, "total_seconds": round(total, 1)}
+    _write_json(ctx.out / "timings.json", record)
+    report = ctx.out / "report" / "report.md"
+    if echo and report.is_file():
+        print("\n" + report.read_text())
+    ran = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v is not None) or "nothing left to do"
+    print(f"quickstart finished in {total:.1f} s ({ran}); report: {report}", flush=True)
+    return record
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    # written beside and renamed: a record is either complete or absent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 when a step failed, with the reason on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        run(args.out, args.tiny)
+    except QuickstartError as e:
+        print(f"flexigpt-quickstart: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flexigpt-quickstart: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
