@@ -86,6 +86,7 @@ def main() -> None:
         build_scheduler,
         flops_per_token,
         init_distributed,
+        launcher_env,
     )
     from flexigpt.shared.trainer import _Loop
 
@@ -119,9 +120,10 @@ def main() -> None:
     plain = copy.deepcopy(model).train()  # deepcopy keeps the sharing (same Parameter in both slots)
     cfg = build_ds_config(load_ds_config(t.ds_config), t, world_size=world, precision="fp32")
     opt_a = build_optimizer(model, t)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt_a, lr_scheduler=build_scheduler(opt_a, t, total), config=cfg
-    )
+    with launcher_env():  # DeepSpeed reads LOCAL_RANK while it builds the engine
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=opt_a, lr_scheduler=build_scheduler(opt_a, t, total), config=cfg
+        )
     loader_a = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=args.micro)
     loop = _Loop(recipe, engine, loader_a, [], rank=rank, world=world, device=device, plan_json=plan.to_json(), stage=int(args.stage),
                  total_steps=total, accum=args.accum, global_batch=args.micro * args.accum * world,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,11 +34,39 @@ PEAK_TFLOPS = {
 
 
 # ----------------------------------------------------------------------------------- distributed
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# The environment of the one-rank group this process started itself (no launcher), or None.
+_SELF_GROUP_ENV: dict[str, str] | None = None
+
+
+@contextmanager
+def launcher_env() -> Iterator[None]:
+    """Inside: the launcher variables of the one-rank group this process started, if it started one.
+
+    DeepSpeed reads ``LOCAL_RANK`` (and friends) from the environment when an engine is built, as
+    a launcher would have set them. They are set only while needed and removed afterwards, so that
+    a subprocess started later (a test, a quickstart step) does not take itself for rank 0 of this
+    process's group and try to bind its port.
+    """
+    added = {}
+    if _SELF_GROUP_ENV is not None and "RANK" not in os.environ:
+        added = _SELF_GROUP_ENV
+        os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def init_distributed(cpu_shm_comm: bool) -> tuple[int, int, int, torch.device]:
     """Start (or join) the process group: NCCL on GPUs, gloo on CPU. Returns rank, world, local rank, device.
 
-    A single process started without a launcher gets the environment of a one-rank group.
+    Under a launcher (torchrun, deepspeed) its environment is used. A single process started
+    without one becomes a one-rank group on a free local port; build DeepSpeed engines inside
+    ``launcher_env()`` then (``train`` does).
     """
+    global _SELF_GROUP_ENV
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -50,11 +80,18 @@ def init_distributed(cpu_shm_comm: bool) -> tuple[int, int, int, torch.device]:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        if "RANK" not in os.environ:
+            port = os.environ.get("MASTER_PORT") or str(_free_port())
+            _SELF_GROUP_ENV = {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            }
+        with launcher_env():
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)

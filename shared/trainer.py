@@ -42,6 +42,7 @@ from .train_setup import (
     build_scheduler,
     flops_per_token,
     init_distributed,
+    launcher_env,
     load_tokenizer,
     lr_factor,
     make_trainable,
@@ -156,8 +157,22 @@ def train(
         RecipeError: batch arithmetic, precision or trainable set do not fit this machine / model.
         ResumeError: the checkpoint cannot be resumed into this run without an explicit allowance.
     """
+    rank, world, _, device = init_distributed(recipe.train.cpu_shm_comm)
+    with launcher_env():  # DeepSpeed reads LOCAL_RANK when it builds the engine
+        return _train(recipe, model, resume, allow_plan_change, allow_world_size_change, rank, world, device)
+
+
+def _train(
+    recipe: BaseRecipe,
+    model: PreTrainedModel | None,
+    resume: str,
+    allow_plan_change: bool,
+    allow_world_size_change: bool,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> TrainResult:
     t = recipe.train
-    rank, world, _, device = init_distributed(t.cpu_shm_comm)
     precision = resolve_precision(t.precision, device.type)
     ds_cfg = build_ds_config(
         load_ds_config(t.ds_config), t, world_size=world, precision=precision, where=t.ds_config

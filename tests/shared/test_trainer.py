@@ -27,15 +27,12 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
-def _restore_env():
-    """The trainer sets a one-rank group's variables; keep them from leaking into other tests."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
+def _no_leaked_launcher_env():
+    """A one-rank group started in this process must not leave launcher variables behind: a
+    subprocess started later would take itself for rank 0 of this group and bind its port."""
+    before = {k: os.environ.get(k) for k in DIST_ENV}
     yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    assert {k: os.environ.get(k) for k in DIST_ENV} == before
 
 
 def _scalars(tb: Path, tag: str) -> list[float]:
@@ -87,7 +84,7 @@ def test_zero3_shared_parameters_get_the_gradients_of_every_slot(ws) -> None:
     from flexigpt.shared.ds_config import build_ds_config, load_ds_config
     from flexigpt.shared.engine import canonical_name, materialize, set_trainable
     from flexigpt.shared.recipe import TrainSection
-    from flexigpt.shared.train_setup import build_model, build_optimizer, init_distributed
+    from flexigpt.shared.train_setup import build_model, build_optimizer, init_distributed, launcher_env
 
     init_distributed(cpu_shm_comm=False)
     r = recipe_from_dict(recipe_dict(ws, Path("unused")))
@@ -114,12 +111,15 @@ def test_zero3_shared_parameters_get_the_gradients_of_every_slot(ws) -> None:
     train_cfg = TrainSection(micro_batch=2, grad_accum=1, max_steps=1, grad_clip=0.0)
     cfg = build_ds_config(load_ds_config("ds_configs/zero3.json"), train_cfg, world_size=1, precision="fp32")
     shared = {n: block1[n] for n in want}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, train_cfg), config=cfg)
-    engine.backward(engine(input_ids=batch, labels=batch).loss)
-    for name, p in shared.items():
-        got = deepspeed.utils.safe_get_full_grad(p).reshape(want[name].shape)
-        torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-6, msg=name)
-        assert got.abs().sum() > 0
+    with launcher_env():  # ZeRO-3 reads LOCAL_RANK in its step hooks too
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, train_cfg), config=cfg
+        )
+        engine.backward(engine(input_ids=batch, labels=batch).loss)
+        for name, p in shared.items():
+            got = deepspeed.utils.safe_get_full_grad(p).reshape(want[name].shape)
+            torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-6, msg=name)
+            assert got.abs().sum() > 0
 
 
 @pytest.mark.parametrize("stage", ["2", "3"])
