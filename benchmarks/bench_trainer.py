@@ -59,6 +59,9 @@ def _workspace(d: Path, vocab: int) -> tuple[Path, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", default="2", choices=["1", "2", "3"])
+    ap.add_argument(
+        "--ds-config", default=None, help="a DeepSpeed config instead of ds_configs/zero<stage>.json"
+    )
     ap.add_argument("--trainable", default="all", choices=["adapters", "adapters+norms", "all"])
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -100,7 +103,7 @@ def main() -> None:
             "kind": "train",
             "model": {"source": "(in memory)"},
             "data": {"source": "files", "files": [str(corpus)], "seq_len": args.seq_len, "shuffle_buffer": 64},
-            "train": {"trainable": args.trainable, "ds_config": f"ds_configs/zero{args.stage}.json", "micro_batch": args.micro,
+            "train": {"trainable": args.trainable, "ds_config": args.ds_config or f"ds_configs/zero{args.stage}.json", "micro_batch": args.micro,
                       "grad_accum": args.accum, "lr": 1e-3, "warmup_steps": 5, "max_steps": total, "export": "none"},
             "output_dir": str(tmp / "out"),
         }
