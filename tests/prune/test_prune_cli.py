@@ -73,6 +73,9 @@ def test_bad_recipe_keys_and_values_fail_naming_the_key(prune_workspace, tmp_pat
     assert "needs replace.out_norm=true" in capsys.readouterr().err
     assert not out.exists()
     # values that only the model can check fail at run time, still naming the key
+    assert _prune(prune_workspace, out, "prune.replace.rank=64", "--prune-only") == 2
+    assert "prune.replace.rank=64 exceeds targets" in capsys.readouterr().err
+    assert not out.exists()  # refused from the config alone, before any weight is read
     assert _prune(prune_workspace, out, "prune.calibration.seq_len=1000", "--prune-only") == 2
     assert "prune.calibration.seq_len=1000 exceeds the model's max_position_embeddings (256)" in (
         capsys.readouterr().err
