@@ -1,0 +1,272 @@
+"""Self-speculative decoding vs plain greedy decoding of the same shared-block model, on CPU.
+
+For each setting below, one run measures, interleaved with plain ``model.generate(do_sample=False)``
+(A B A B ... after a warm-up of each, the same prompt, thread count and dtype, as
+../shared/BENCHMARKING.md asks): tokens/s of ``speculative_generate`` over tokens/s of ``generate``
+(median and min-max of the per-pair ratios), the acceptance rate and tokens per full-model forward.
+Every speculative output is checked to be the very tokens ``generate`` produced.
+
+Settings (random weights, nothing trained; embeddings of unit scale so that the residual stream has
+a trained model's magnitude, a larger head so that argmax margins are far above rounding):
+
+- ``grown3x``: 12 blocks grown to 36 slots, each block followed by two copies (FlexiGPT Block
+  pattern: LoRA rank 16, standard init, output norm with small gamma). The draft runs 12 slots: the
+  favourable case, where the draft is a third of the model. Draft lengths 0..8 are swept (0 is
+  plain decoding through the speculative loop: its ratio is the loop's own overhead).
+- ``tinyllama``: TinyLlama's growth 22 -> 36 (blocks 4..17 each repeated once), scaled down. The
+  draft runs 22 of 36 slots, so even a draft that is always right cannot reach 36/22 = 1.64x.
+- ``pruned30``: FlexiGPT pruning of 22 blocks by 30% (7 deep blocks 13..19 replaced at their
+  positions by the nearest kept block plus an SVD-initialised rank-16 adapter and an output norm).
+  The draft is the ShortGPT model, 15 of 22 slots: the paper's setting (it reports 1.30x).
+- ``gamma``: grown3x at larger output-norm gammas, where the copies change the model more and the
+  draft is right less often (what training moves a model towards).
+
+The gamma of the output norm sets how often the draft is right; the small default (1e-3) is the
+state right after growth or pruning, when the model is close to its draft. Acceptance rates from
+random weights say how the speed follows the acceptance, not what a trained model would accept.
+
+    python benchmarks/bench_speculative.py                       # all settings, ~10 minutes
+    python benchmarks/bench_speculative.py --settings grown3x --draft-lens 4 --pairs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from flexigpt.shared.engine import apply_plan
+from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+from flexigpt.shared.speculative import draft_slots, make_draft, speculative_generate
+from flexigpt.shared.tiny import tiny_model
+
+SETTINGS = ("grown3x", "tinyllama", "pruned30", "gamma")
+
+
+@dataclass
+class Args:
+    hidden: int
+    vocab: int
+    prompt: int
+    new_tokens: int
+    pairs: int
+    rank: int
+    gamma: float
+    heads: int = 8
+    kv_heads: int = 4
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def grown_plan(blocks: int, repeat: dict[int, int], a: Args, gamma: float) -> Plan:
+    """Block pattern: block b, then `repeat[b]` copies of it with adapters and output norm."""
+    ad, on = AdapterSpec(a.rank, init="lora"), OutNormSpec(gamma)
+    slots: list[SlotSpec] = []
+    for b in range(blocks):
+        slots.append(SlotSpec(b))
+        slots += [SlotSpec(b, adapter=ad, out_norm=on)] * repeat.get(b, 0)
+    return Plan("llama", blocks, tuple(slots), notes={"pattern": "block"})
+
+
+def pruned_plan(blocks: int, removed: range, a: Args) -> Plan:
+    """Each removed block i -> slot i running the nearest kept block, SVD adapter from i, output norm."""
+    kept = [b for b in range(blocks) if b not in removed]
+    slots = []
+    for i in range(blocks):
+        if i not in removed:
+            slots.append(SlotSpec(i))
+            continue
+        base = min(kept, key=lambda j: (abs(j - i), j))
+        ad = AdapterSpec(a.rank, init="svd", svd_from=i)
+        slots.append(SlotSpec(base, adapter=ad, out_norm=OutNormSpec(a.gamma)))
+    return Plan("llama", blocks, tuple(slots), notes={"removed": list(removed)})
+
+
+def build(blocks: int, plan: Plan, a: Args) -> torch.nn.Module:
+    # TinyLlama-like: GQA (8 query, 4 key/value heads), SwiGLU width 2.75 x hidden, untied head.
+    src = tiny_model(
+        "llama3",
+        num_layers=blocks,
+        hidden=a.hidden,
+        heads=a.heads,
+        intermediate=int(a.hidden * 2.75),
+        vocab=a.vocab,
+        max_positions=1024,
+        num_key_value_heads=a.kv_heads,
+        tie_word_embeddings=False,
+        seed=0,
+    )
+    src.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        src.model.embed_tokens.weight.mul_(50.0)
+        src.lm_head.weight.mul_(20.0)
+    # on the target device before apply_plan, so SVD adapter inits run there too
+    src.to(device=a.device, dtype=getattr(torch, a.dtype))
+    return apply_plan(src, plan).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str = "cpu") -> tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+@torch.inference_mode()
+def cost_line(model: torch.nn.Module, draft: object, prompt: torch.Tensor, a: Args, reps: int = 5) -> str:
+    """Median ms of one forward of the full model over 1, 5 and 9 new tokens, and of the draft over 1,
+    after the prompt is cached: what a round costs (k draft forwards + one verify of k + 1 tokens)."""
+    caches = {"full": (model, DynamicCache(config=model.config)), "draft": (draft.model, draft.new_cache())}
+    for m, cache in caches.values():
+        m(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    points = [("full", 1), ("full", 5), ("full", 9), ("draft", 1)]
+    times: dict[tuple[str, int], list[float]] = {p: [] for p in points}
+    for _ in range(reps):  # interleaved, like the pairs
+        for who, q in points:
+            m, cache = caches[who]
+            x = torch.randint(3, a.vocab, (1, q), device=a.device)
+            dt, _ = timed(
+                lambda m=m, x=x, c=cache, q=q: m(
+                    input_ids=x, past_key_values=c, use_cache=True, logits_to_keep=q
+                ),
+                a.device,
+            )
+            times[(who, q)].append(dt)
+            for layer in cache.layers:
+                layer.crop(-q)
+    ms = {p: 1e3 * statistics.median(t) for p, t in times.items()}
+    one = ms[("full", 1)]
+    return (
+        f"forward ms: full 1 tok {one:.1f}, full 5 tok {ms[('full', 5)]:.1f} ({ms[('full', 5)] / one:.2f}x), "
+        f"full 9 tok {ms[('full', 9)]:.1f} ({ms[('full', 9)] / one:.2f}x), "
+        f"draft 1 tok {ms[('draft', 1)]:.1f} ({ms[('draft', 1)] / one:.2f}x)"
+    )
+
+
+def measure(model: torch.nn.Module, name: str, draft_lens: list[int], a: Args) -> dict[int, dict]:
+    """Interleaved pairs (generate, speculative k) for every k; prints one line per k."""
+    prompt = torch.randint(3, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0)).to(a.device)
+    draft = make_draft(model)
+
+    def plain() -> torch.Tensor:
+        return model.generate(
+            prompt, do_sample=False, max_new_tokens=a.new_tokens, eos_token_id=None, pad_token_id=0
+        )
+
+    def spec(k: int) -> object:
+        return speculative_generate(model, prompt, a.new_tokens, k, eos_token_id=None, draft=draft)
+
+    ref = plain()
+    for k in draft_lens:  # warm-up of every variant
+        spec(k)
+    results = {}
+    n_slots, n_draft = model.plan.num_slots, len(draft.slots)
+    print(f"{name:10s} {cost_line(model, draft, prompt, a)}", flush=True)
+    for k in draft_lens:
+        ratios, plain_tps, stats = [], [], None
+        for _ in range(a.pairs):
+            t_plain, out_plain = timed(plain, a.device)
+            t_spec, out = timed(lambda k=k: spec(k), a.device)
+            if not (torch.equal(out_plain, ref) and torch.equal(out.sequences, ref)):
+                raise SystemExit(f"{name} draft_len={k}: speculative tokens differ from generate's")
+            ratios.append(t_plain / t_spec)
+            plain_tps.append(a.new_tokens / t_plain)
+            stats = out.stats
+        med = statistics.median(ratios)
+        results[k] = {"median": med, "min": min(ratios), "max": max(ratios), "stats": stats}
+        acc = "   -  " if k == 0 else f"{stats.acceptance_rate:6.3f}"
+        print(
+            f"{name:10s} slots {n_slots:2d} draft {n_draft:2d}  k={k}  speed-up {med:5.2f}x "
+            f"(range {min(ratios):.2f}-{max(ratios):.2f}, {a.pairs} pairs)  acceptance {acc}  "
+            f"tokens/verify {stats.tokens_per_round:5.2f}  plain {statistics.median(plain_tps):5.1f} tok/s",
+            flush=True,
+        )
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {SETTINGS}")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32000, help="LLaMA-2 / TinyLlama vocabulary size")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved (plain, speculative) pairs per point")
+    ap.add_argument("--draft-lens", default="0-8", help="sweep for grown3x, e.g. 0-8 or 2,4")
+    ap.add_argument("--other-draft-lens", default="4,8", help="draft lengths of the other settings")
+    ap.add_argument("--gammas", default="0.0001,0.01,0.03", help="gammas of the `gamma` setting")
+    ap.add_argument("--gamma", type=float, default=1e-3, help="output-norm gamma of the main settings")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 was as fast as 2 here)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = ap.parse_args()
+    settings = args.settings.split(",")
+    bad = [s for s in settings if s not in SETTINGS]
+    if bad:
+        raise SystemExit(f"--settings: unknown {bad}; allowed: {list(SETTINGS)}")
+    torch.set_num_threads(args.threads)
+    a = Args(args.hidden, args.vocab, args.prompt, args.new_tokens, args.pairs, args.rank, args.gamma)
+    a.heads, a.kv_heads, a.device, a.dtype = args.heads, args.kv_heads, args.device, args.dtype
+    sweep, others = _lens(args.draft_lens), _lens(args.other_draft_lens)
+    gammas = [float(g) for g in args.gammas.split(",")]
+    print(
+        f"{_where(a.device)} {a.dtype}, {args.threads} thread(s), hidden {a.hidden}, heads {a.heads}/{a.kv_heads}, "
+        f"vocab {a.vocab}, prompt {a.prompt}, "
+        f"{a.new_tokens} new tokens, greedy, batch 1, LoRA rank {a.rank}, gamma {a.gamma:g}",
+        flush=True,
+    )
+    summary = []
+    if "grown3x" in settings:
+        plan = grown_plan(12, dict.fromkeys(range(12), 2), a, a.gamma)
+        res = measure(build(12, plan, a), "grown3x", sweep, a)
+        summary.append(("grown3x", plan, res))
+    if "tinyllama" in settings:
+        plan = grown_plan(22, dict.fromkeys(range(4, 18), 1), a, a.gamma)
+        summary.append(("tinyllama", plan, measure(build(22, plan, a), "tinyllama", others, a)))
+    if "pruned30" in settings:
+        plan = pruned_plan(22, range(13, 20), a)
+        summary.append(("pruned30", plan, measure(build(22, plan, a), "pruned30", others, a)))
+    if "gamma" in settings:
+        for g in gammas:
+            plan = grown_plan(12, dict.fromkeys(range(12), 2), a, g)
+            name = f"gamma={g:g}"
+            summary.append((name, plan, measure(build(12, plan, a), name, others, a)))
+    print("\nsummary (best draft length of each setting):")
+    for name, plan, res in summary:
+        k, r = max(((k, r) for k, r in res.items() if k > 0), key=lambda kr: kr[1]["median"])
+        print(
+            f"  {name:12s} speculative/plain greedy tokens/s: median {r['median']:.2f} "
+            f"(range {r['min']:.2f}-{r['max']:.2f}, {a.pairs} pairs, {plan.num_slots} slots over "
+            f"{len(plan.physical_blocks)} blocks, draft {len(draft_slots(plan))} slots, draft_len {k}, "
+            f"acceptance {r['stats'].acceptance_rate:.3f})"
+            + (f"; {r['median'] / res[0]['median']:.2f}x over draft_len 0" if 0 in res else "")
+        )
+
+
+def _where(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+
+
+def _lens(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.split(",")]
+
+
+if __name__ == "__main__":
+    main()
