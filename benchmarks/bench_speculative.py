@@ -14,18 +14,19 @@ a trained model's magnitude, a larger head so that argmax margins are far above 
   favourable case, where the draft is a third of the model. Draft lengths 0..8 are swept (0 is
   plain decoding through the speculative loop: its ratio is the loop's own overhead).
 - ``tinyllama``: TinyLlama's growth 22 -> 36 (blocks 4..17 each repeated once), scaled down. The
-  draft runs 22 of 36 slots, so even a draft that is always right cannot reach 36/22 = 1.64x.
+  draft runs 22 of 36 slots: each drafted token costs about 0.6 of a full-model token.
 - ``pruned30``: FlexiGPT pruning of 22 blocks by 30% (7 deep blocks 13..19 replaced at their
   positions by the nearest kept block plus an SVD-initialised rank-16 adapter and an output norm).
   The draft is the ShortGPT model, 15 of 22 slots: the paper's setting (it reports 1.30x).
-- ``gamma``: grown3x at larger output-norm gammas, where the copies change the model more and the
-  draft is right less often (what training moves a model towards).
+- ``gamma``: grown3x at other output-norm gammas (``--gammas``): smaller, where the draft is
+  always right, and larger, where the copies change the model more and the draft is right less
+  often (what training moves a model towards).
 
 The gamma of the output norm sets how often the draft is right; the small default (1e-3) is the
 state right after growth or pruning, when the model is close to its draft. Acceptance rates from
 random weights say how the speed follows the acceptance, not what a trained model would accept.
 
-    python benchmarks/bench_speculative.py                       # all settings, ~10 minutes
+    python benchmarks/bench_speculative.py                       # all settings, 12-20 minutes
     python benchmarks/bench_speculative.py --settings grown3x --draft-lens 4 --pairs 5
 """
 
