@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .quickstart_steps import SCALES, STEPS, Context, QuickstartError
+from .quickstart_steps import SCALES, STEPS, Context, QuickstartError, QuickstartInterrupted
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -101,17 +101,20 @@ def run(out: str | Path, tiny: bool = False, *, echo: bool = True) -> dict[str, 
         echo: copy the commands' output to this process's stdout (it always goes to ``logs/``).
 
     Returns:
-        The timings record written to ``out/timings.json``: seconds per step in this run (None for
-        a step an earlier run finished) and in total.
+        The timings record written to ``out/timings.json``: the seconds of every step (as its
+        completion record holds them, whichever run finished it), the steps this run ran, and this
+        run's wall time.
 
     Raises:
-        QuickstartError: a step failed; the message names the step and its log.
+        QuickstartError: a step failed (the message names the step and its log), or
+            ``QuickstartInterrupted``: a signal stopped a command after its checkpoint.
     """
     set_environment()
     ctx = Context(Path(out), SCALES["tiny" if tiny else "full"], echo=echo)
     check_settings(ctx)
     start = time.perf_counter()
-    timings: dict[str, float | None] = {}
+    timings: dict[str, float] = {}
+    ran: list[str] = []
     n = len(STEPS)
     for i, step in enumerate(STEPS, 1):
         marker = ctx.out / "steps" / f"{step.name}.json"
@@ -121,7 +124,7 @@ def run(out: str | Path, tiny: bool = False, *, echo: bool = True) -> dict[str, 
                 f"[{i}/{n}] {step.title}: done in an earlier run ({earlier['seconds']:.1f} s), skipped",
                 flush=True,
             )
-            timings[step.name] = None
+            timings[step.name] = earlier["seconds"]
             continue
         print(f"[{i}/{n}] {step.title} ...", flush=True)
         t0 = time.perf_counter()
@@ -129,15 +132,22 @@ def run(out: str | Path, tiny: bool = False, *, echo: bool = True) -> dict[str, 
         seconds = time.perf_counter() - t0
         _write_json(marker, {"step": step.name, "seconds": round(seconds, 1), **info})
         timings[step.name] = round(seconds, 1)
+        ran.append(step.name)
         print(f"[{i}/{n}] {step.title}: done in {seconds:.1f} s", flush=True)
     total = time.perf_counter() - start
-    record = {"scale": ctx.scale.name, "steps": timings, "total_seconds": round(total, 1)}
+    record = {
+        "scale": ctx.scale.name,
+        "steps": timings,
+        "ran_now": ran,
+        "seconds_this_run": round(total, 1),
+        "seconds_all_steps": round(sum(timings.values()), 1),
+    }
     _write_json(ctx.out / "timings.json", record)
     report = ctx.out / "report" / "report.md"
     if echo and report.is_file():
         print("\n" + report.read_text())
-    ran = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v is not None) or "nothing left to do"
-    print(f"quickstart finished in {total:.1f} s ({ran}); report: {report}", flush=True)
+    steps = ", ".join(f"{k} {v:.0f} s" + ("" if k in ran else " (earlier)") for k, v in timings.items())
+    print(f"quickstart finished in {total:.1f} s; steps: {steps}; report: {report}", flush=True)
     return record
 
 
@@ -150,14 +160,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (1 when a step failed, with the reason on stderr)."""
+    """Entry point; returns the exit status (1: a step failed, reason on stderr; 128 + signal: stopped)."""
     args = _parser().parse_args(argv)
     try:
         run(args.out, args.tiny)
+    except QuickstartInterrupted as e:
+        print(f"flexigpt-quickstart: {e}", file=sys.stderr)
+        return 128 + e.signum
     except QuickstartError as e:
         print(f"flexigpt-quickstart: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # between commands: every finished step is recorded already
         print("flexigpt-quickstart: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,6 +30,14 @@ TRAINED_PRUNE_VARIANTS = ("flexigpt", "shortgpt_lora")  # prune.shortgpt_recover
 
 class QuickstartError(RuntimeError):
     """A step failed; the message names the step and where its log is."""
+
+
+class QuickstartInterrupted(QuickstartError):
+    """SIGINT / SIGTERM stopped a command (after it wrote its checkpoint); running again resumes."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -480,10 +489,20 @@ def run_command(ctx: Context, name: str, module: str, recipe: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", module, str(recipe)]
     print(f"    $ {' '.join(cmd[1:])}   (log: {log})", flush=True)
+    signals: list[int] = []
     with log.open("ab") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
         assert proc.stdout is not None
+
+        def forward(signum: int, _frame: Any) -> None:
+            # The commands checkpoint on SIGINT / SIGTERM and exit; a SIGTERM sent to this process
+            # alone would otherwise orphan the child. Keep reading until it is done.
+            signals.append(signum)
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while chunk := proc.stdout.read1(1 << 16):
                 fh.write(chunk)
@@ -491,10 +510,14 @@ def run_command(ctx: Context, name: str, module: str, recipe: Path) -> None:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.buffer.flush()
             rc = proc.wait()
-        except KeyboardInterrupt:
-            # the child got the same SIGINT: let it write its checkpoint, so the next run resumes
-            proc.wait()
-            raise
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+    if signals:
+        raise QuickstartInterrupted(
+            f"step {name} stopped by signal {signals[0]} (exit status {rc}); run the same command again to resume",
+            signals[0],
+        )
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise QuickstartError(
