@@ -137,9 +137,10 @@ def check_plan_fits(plan: Plan, config: PretrainedConfig) -> ArchLayout:
 def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = True) -> PreTrainedModel:
     """Build the shared-block model of `plan` from `source`.
 
-    The source model is consumed: its Parameters are reused (not copied) by the new model, and
-    blocks that no slot runs are dropped. Nothing is downloaded or re-initialised except the
-    slot-owned parameters.
+    The source model is left unchanged, but the new model holds its very Parameters (nothing is
+    copied): the two share storage, so training one changes the other. Blocks that no slot runs
+    are simply not referenced; dropping the source then frees them. Several plans may be applied
+    to one loaded source in turn. Only slot-owned parameters are created.
 
     Args:
         source: a loaded model of a supported family (see ``layout.SUPPORTED_MODEL_TYPES``).
@@ -319,7 +320,7 @@ def expected_trainable(plan: Plan, config: PretrainedConfig, rule: str) -> int:
     shapes = layout.matrix_shapes(config)
     h = config.hidden_size
     adapters = sum(
-        s.adapter.rank * sum(sum(shapes[t]) for t in s.adapter.targets) for s in plan.slots if s.adapter
+        s.adapter.rank_for(t) * sum(shapes[t]) for s in plan.slots if s.adapter for t in s.adapter.targets
     )
     norms = sum(
         (2 * h if s.out_norm else 0) + (len(layout.norms) * h if s.own_norms else 0) for s in plan.slots

@@ -211,3 +211,16 @@ def test_plan_must_fit_the_model():
     bad = Plan("llama", 4, (SlotSpec(0, adapter=AdapterSpec(1000)),))
     with pytest.raises(PlanError, match=r"rank=1000 exceeds the size of target 'q'"):
         apply_plan(tiny_model("llama2"), bad)
+
+
+def test_trainable_count_follows_per_target_ranks():
+    plan = Plan(
+        "llama",
+        4,
+        (SlotSpec(0), SlotSpec(1), SlotSpec(1, adapter=AdapterSpec(8, rank_pattern={"k": 4})), SlotSpec(3)),
+    )
+    model = apply_plan(tiny_model("llama3"), plan)
+    shapes = get_layout(model.config).matrix_shapes(model.config)
+    want = sum((4 if t == "k" else 8) * sum(shapes[t]) for t in shapes)
+    assert set_trainable(model, "adapters") == want
+    assert model.model.layers[2].self_attn.k_proj.lora_A["default"].weight.shape[0] == 4
