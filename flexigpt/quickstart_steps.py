@@ -16,11 +16,14 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .corpus import build_corpus, continuation_docs, read_documents, train_tokenizer
+from .quickstart_scale import SCALES, Context, QuickstartError, QuickstartInterrupted, Scale
+
+__all__ = ["SCALES", "STEPS", "Context", "QuickstartError", "QuickstartInterrupted", "Scale", "Step"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASK = "docstring_continuation"
@@ -28,124 +31,10 @@ PRUNE_VARIANTS = ("flexigpt", "shortgpt", "shortgpt_lora")
 TRAINED_PRUNE_VARIANTS = ("flexigpt", "shortgpt_lora")  # prune.shortgpt_recovery: none, as the paper
 
 
-class QuickstartError(RuntimeError):
-    """A step failed; the message names the step and where its log is."""
-
-
-class QuickstartInterrupted(QuickstartError):
-    """SIGINT / SIGTERM stopped a command (after it wrote its checkpoint); running again resumes."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Sizes and budgets of one quickstart scale (``full`` or ``tiny``)."""
-
-    name: str
-    max_train_files: int | None  # None: every stdlib file of the split
-    max_heldout_files: int | None
-    vocab: int
-    layers: int
-    hidden: int
-    heads: int
-    intermediate: int
-    seq_len: int
-    micro_batch: int
-    base_steps: int
-    base_lr: float
-    grow_steps: int
-    grow_span: tuple[int, int]  # blocks start..end (inclusive) repeated once, Block pattern
-    prune_steps: int
-    prune_ratio: float
-    adapter_rank: int
-    calibration_samples: int
-    ppl_tokens: int
-    task_docs: int
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["grow_span"] = list(self.grow_span)
-        return d
-
-
-SCALES = {
-    # about 2.1M parameters; the three training runs take most of the ten minutes on 2 cores
-    "full": Scale(
-        name="full",
-        max_train_files=None,
-        max_heldout_files=None,
-        vocab=4096,
-        layers=6,
-        hidden=144,
-        heads=4,
-        intermediate=384,
-        seq_len=256,
-        micro_batch=8,
-        base_steps=200,
-        base_lr=3e-3,
-        grow_steps=50,
-        grow_span=(2, 4),
-        prune_steps=40,
-        prune_ratio=0.33,
-        adapter_rank=16,
-        calibration_samples=32,
-        ppl_tokens=32_000,
-        task_docs=200,
-    ),
-    # the same path in about two minutes (the tests run it)
-    "tiny": Scale(
-        name="tiny",
-        max_train_files=40,
-        max_heldout_files=8,
-        vocab=640,
-        layers=4,
-        hidden=64,
-        heads=4,
-        intermediate=160,
-        seq_len=64,
-        micro_batch=4,
-        base_steps=40,
-        base_lr=5e-3,
-        grow_steps=6,
-        grow_span=(1, 2),
-        prune_steps=6,
-        prune_ratio=0.25,
-        adapter_rank=4,
-        calibration_samples=8,
-        ppl_tokens=4_000,
-        task_docs=40,
-    ),
-}
-
-
-@dataclass
-class Context:
-    """Where the run lives and at what scale; paths of every step's output."""
-
-    out: Path
-    scale: Scale
-    echo: bool = True
-
-    def __post_init__(self) -> None:
-        self.out = self.out.resolve()
-
-    @property
-    def corpus(self) -> Path:
-        return self.out / "corpus"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.out / "tokenizer"
-
-    def run_dir(self, step: str) -> Path:
-        return self.out / step
-
-
 @dataclass(frozen=True)
 class Step:
+    """One quickstart step: its record name, the line shown while it runs, and what it does."""
+
     name: str
     title: str
     fn: Callable[[Context], dict[str, Any]]
