@@ -7,12 +7,13 @@ the default is. ``describe_recipe(GrowRecipe)`` prints them all; ``docs/growing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from flexigpt.shared.command import CommandRecipe
 from flexigpt.shared.plan import TARGETS, AdapterSpec, OutNormSpec
-from flexigpt.shared.recipe import BaseRecipe, Section, register_recipe_kind
+from flexigpt.shared.recipe import Section, register_recipe_kind
 
 from .strategies import STRATEGIES, GrowOptions
 
@@ -168,18 +169,15 @@ class GrowSection(Section):
         )
 
 
-class GrowRecipe(BaseRecipe):
+class GrowRecipe(CommandRecipe):
     """Grow a model in depth (``grow:``), then continue pre-training it (``train:``, ``data:``)."""
 
+    command_section: ClassVar[str] = "grow"
     kind: Literal["grow"] = Field("grow", description="Recipe kind.")
     grow: GrowSection = Field(default_factory=GrowSection, description="Depth expansion.")
 
     @model_validator(mode="after")
     def _check_grow(self) -> GrowRecipe:
-        if self.model.plan is not None:
-            raise ValueError(
-                "model.plan: the grow command makes the plan itself from grow:; set model.plan to null"
-            )
         kind = STRATEGIES[self.grow.strategy].kind
         if kind == "dense" and self.train.trainable != "all":
             raise ValueError(

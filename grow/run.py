@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from flexigpt.shared.checkpoint import is_compact, load_model, save_compact
+from flexigpt.shared.checkpoint import load_model, save_compact
+from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.plan import Plan
 from flexigpt.shared.recipe import TrainRecipe
 
@@ -65,13 +66,9 @@ def source_config(recipe: GrowRecipe) -> PretrainedConfig:
     Raises:
         GrowError: the source is a compact (shared-block) checkpoint.
     """
-    src = recipe.model.source
-    if Path(src).is_dir() and is_compact(src):
-        raise GrowError(
-            f"model.source={src!r} is a compact shared-block checkpoint; grow a plain model (export it "
-            "materialised first)"
-        )
-    return AutoConfig.from_pretrained(src)
+    return read_source_config(
+        recipe.model.source, GrowError, "grow a plain model (export it materialised first)"
+    )
 
 
 def plan_for(recipe: GrowRecipe, config: PretrainedConfig) -> GrowSetup:
@@ -155,30 +152,12 @@ def _save_plain(model: Any, out: Path, tokenizer: Any) -> None:
 def train_recipe(recipe: GrowRecipe, setup: GrowSetup) -> TrainRecipe:
     """The ``train`` recipe the trainer runs: the grow recipe's sections, starting from ``initial/``.
 
-    Raises:
-        GrowError: the plan trains only some layers (LLaMA-Pro) and the trainer has no way to say so.
+    A plan that trains only some layers (LLaMA-Pro) says which in ``train.trainable_layers``.
     """
-    raw = recipe.model_dump(mode="json")
-    raw.pop("grow")
-    raw["kind"] = "train"
-    raw["model"]["source"] = str(setup.initial_dir)
-    raw["model"]["tokenizer"] = recipe.model.tokenizer or (
-        str(setup.initial_dir)
-        if (setup.initial_dir / "tokenizer_config.json").is_file()
-        else recipe.model.source
-    )
-    raw["model"]["plan"] = None
+    train: dict[str, Any] = {}
     if isinstance(setup.plan, DensePlan) and setup.plan.trainable == "inserted":
-        from flexigpt.shared.recipe import TrainSection
-
-        if "trainable_layers" not in TrainSection.model_fields:
-            raise GrowError(
-                f"strategy {recipe.grow.strategy!r} trains only the inserted layers {list(setup.plan.inserted)}, "
-                "and this trainer has no train.trainable_layers to restrict training to them; the grown model "
-                f"is saved in {setup.initial_dir}"
-            )
-        raw["train"]["trainable_layers"] = list(setup.plan.inserted)
-    return TrainRecipe.model_validate(raw)
+        train["trainable_layers"] = list(setup.plan.inserted)
+    return handoff_train_recipe(recipe, setup.initial_dir, train=train)
 
 
 def run(recipe: GrowRecipe, *, plan_only: bool = False, log: Any = print) -> Any:
@@ -202,7 +181,7 @@ def run(recipe: GrowRecipe, *, plan_only: bool = False, log: Any = print) -> Any
         log(setup.plan.summary())
         log(setup.counts.describe())
         return setup
-    from flexigpt.shared.train_setup import init_distributed, load_tokenizer
+    from flexigpt.shared.train_setup import init_distributed
 
     rank, _, _, _ = init_distributed(recipe.train.cpu_shm_comm)
     state = existing_state(setup)  # on every rank, before anything is written: all refuse alike
@@ -213,26 +192,12 @@ def run(recipe: GrowRecipe, *, plan_only: bool = False, log: Any = print) -> Any
             log(f"{setup.initial_dir} and {setup.plan_file.name} match this recipe: continuing with training")
         else:
             log(f"growing {recipe.model.source} -> {setup.initial_dir}")
-            build_initial(recipe, setup, tokenizer=_tokenizer(recipe, load_tokenizer))
-    _barrier()
+            tokenizer = load_command_tokenizer(
+                recipe.model, GrowError, "the trainer needs one: set model.tokenizer"
+            )
+            build_initial(recipe, setup, tokenizer=tokenizer)
+    barrier()
     # every rank starts from the saved initial model, so all ranks (and every restart) agree exactly
     from flexigpt.shared.trainer import train
 
     return train(train_recipe(recipe, setup))
-
-
-def _tokenizer(recipe: GrowRecipe, load: Any) -> Any:
-    try:
-        return load(recipe.model)
-    except (OSError, ValueError) as e:
-        raise GrowError(
-            f"model.tokenizer={recipe.model.tokenizer!r} / model.source={recipe.model.source!r}: no tokenizer "
-            f"could be loaded ({e}); the trainer needs one: set model.tokenizer"
-        ) from e
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()

@@ -19,24 +19,23 @@ a recipe field (``--help-recipe`` lists them).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+from typing import Any
 
+from flexigpt.shared.command import command_parser, run_command, signal_exit_status
 from flexigpt.shared.plan import PlanError
-from flexigpt.shared.recipe import RecipeError, describe_recipe, load_recipe
+from flexigpt.shared.recipe import RecipeError
 
 from .build import PruneError
 from .recipe import VARIANTS, PruneRecipe
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="flexigpt-prune",
-        description=f"Prune a model by block importance, build the variants {', '.join(VARIANTS)}, then train "
-        "their recovery. See docs/pruning.md.",
+    p = command_parser(
+        "flexigpt-prune",
+        "prune",
+        f"Prune a model by block importance, build the variants {', '.join(VARIANTS)}, then train their "
+        "recovery. See docs/pruning.md.",
     )
-    p.add_argument("recipe", help="YAML recipe (kind: prune)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides, validated like the file")
     p.add_argument(
         "--prune-only",
         action="store_true",
@@ -45,39 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2: bad recipe or refused run; 128 + signal when stopped by one)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--help-recipe"]:
-        print(describe_recipe(PruneRecipe))
-        return 0
-    args = _parser().parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        if not isinstance(recipe, PruneRecipe):
-            raise RecipeError(
-                f"{args.recipe}: kind={recipe.kind!r}; flexigpt-prune runs kind 'prune' recipes"
-            )
-    except RecipeError as e:
-        print(f"flexigpt-prune: {e}", file=sys.stderr)
-        return 2
-    main_rank = os.environ.get("RANK", "0") == "0"
-    if main_rank:
-        print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
+def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
     from .run import run
 
-    try:
-        result = run(recipe, prune_only=args.prune_only, log=print if main_rank else (lambda *_: None))
-    except (PruneError, PlanError, RecipeError) as e:
-        print(f"flexigpt-prune: {e}", file=sys.stderr)
-        return 2
+    result = run(recipe, prune_only=args.prune_only, log=log)
     if args.prune_only:
         return 0
     stopped = None
     for name, r in result.items():
-        if main_rank:
-            print(
-                f"[{name}] done: step {r.step}, {r.tokens_seen:,} tokens, last loss {r.last_loss}", flush=True
-            )
+        log(f"[{name}] done: step {r.step}, {r.tokens_seen:,} tokens, last loss {r.last_loss}", flush=True)
         stopped = stopped or r.interrupted_by
-    return 128 + stopped if stopped else 0
+    return signal_exit_status(stopped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2: bad recipe or refused run; 128 + signal when stopped by one)."""
+    return run_command(
+        "flexigpt-prune", PruneRecipe, _parser(), argv, _run, (PruneError, PlanError, RecipeError)
+    )

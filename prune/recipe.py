@@ -8,13 +8,14 @@ reading the default takes; ``describe_recipe(PruneRecipe)`` prints them all and
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from flexigpt.shared.command import CommandRecipe
 from flexigpt.shared.eval_cli import PerplexitySection
 from flexigpt.shared.plan import TARGETS
-from flexigpt.shared.recipe import BaseRecipe, Section, StreamSection, register_recipe_kind
+from flexigpt.shared.recipe import Section, StreamSection, register_recipe_kind
 
 from .importance import IMPORTANCE_METRICS
 from .replace import ReplacementOptions
@@ -253,18 +254,16 @@ class PruneSection(Section):
         )
 
 
-class PruneRecipe(BaseRecipe):
+class PruneRecipe(CommandRecipe):
     """Prune a model (``prune:``), then train every variant's recovery (``train:``, ``data:``)."""
 
+    command_section: ClassVar[str] = "prune"
+    plan_made: ClassVar[str] = "the plans"
     kind: Literal["prune"] = Field("prune", description="Recipe kind.")
     prune: PruneSection = Field(default_factory=PruneSection, description="Block pruning.")
 
     @model_validator(mode="after")
     def _check_prune(self) -> PruneRecipe:
-        if self.model.plan is not None:
-            raise ValueError(
-                "model.plan: the prune command makes the plans itself from prune:; set model.plan to null"
-            )
         if self.prune.perplexity is None and self.data.eval is None:
             raise ValueError(
                 "prune.perplexity: null measures the start perplexity on data.eval, which is null too; set "

@@ -30,9 +30,10 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from flexigpt.shared.checkpoint import is_compact, load_compact, save_compact
+from flexigpt.shared.checkpoint import load_compact, save_compact
+from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine import expected_trainable
 from flexigpt.shared.layout import get_layout
 from flexigpt.shared.plan import Plan, PlanError
@@ -85,10 +86,7 @@ def source_config(recipe: PruneRecipe) -> PretrainedConfig:
     Raises:
         PruneError: the source is a compact (shared-block) checkpoint.
     """
-    src = recipe.model.source
-    if Path(src).is_dir() and is_compact(src):
-        raise PruneError(f"model.source={src!r} is a compact shared-block checkpoint; prune a plain model")
-    return AutoConfig.from_pretrained(src)
+    return read_source_config(recipe.model.source, PruneError, "prune a plain model")
 
 
 def blocks_to_remove(recipe: PruneRecipe, config: PretrainedConfig) -> int:
@@ -271,7 +269,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
     recipe.save(rd.recipe)
     device = resolve_device(recipe)
     source = SourceModel(recipe, device, resolve_dtype(recipe, device), log)
-    tokenizer = _tokenizer(recipe)
+    tokenizer = load_command_tokenizer(recipe.model, PruneError)
 
     imp = importance_step(recipe, rd.importance, source, tokenizer, settings["prune.calibration"], log)
     removed = imp.least_important(n)
@@ -392,22 +390,13 @@ def train_recipe(recipe: PruneRecipe, name: str) -> TrainRecipe:
     has no adapters, so its (optional) recovery trains every parameter.
     """
     vdir = RunDir(Path(recipe.output_dir)).variant(name)
-    initial = vdir / INITIAL
-    raw = recipe.model_dump(mode="json")
-    raw.pop("prune")
-    raw["kind"] = "train"
-    raw["output_dir"] = str(vdir)
-    raw["model"]["source"] = str(initial)
-    raw["model"]["tokenizer"] = recipe.model.tokenizer or (
-        str(initial) if (initial / "tokenizer_config.json").is_file() else recipe.model.source
-    )
-    raw["model"]["plan"] = None
+    train: dict[str, Any] = {}
     if name == "shortgpt":
-        raw["train"]["trainable"] = "all"
+        train["trainable"] = "all"
     plan = Plan.load(vdir / "plan.json")
-    if "materialized" in raw["train"]["export"] and any(s.out_norm for s in plan.slots):
-        raw["train"]["export"] = "compact"  # output norms have no plain-model counterpart
-    return TrainRecipe.model_validate(raw)
+    if "materialized" in recipe.train.export and any(s.out_norm for s in plan.slots):
+        train["export"] = "compact"  # output norms have no plain-model counterpart
+    return handoff_train_recipe(recipe, vdir / INITIAL, output_dir=vdir, train=train)
 
 
 def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print) -> Any:
@@ -433,7 +422,7 @@ def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print)
 
         rank = init_distributed(recipe.train.cpu_shm_comm)[0]
     summary = prune(recipe, config, log) if rank == 0 else None
-    _barrier()
+    barrier()
     if prune_only:
         return summary
     from flexigpt.shared.trainer import train
@@ -446,22 +435,3 @@ def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print)
         if results[name].interrupted_by:
             break  # a signal stopped this run after its checkpoint: leave the next variants for the rerun
     return results
-
-
-def _tokenizer(recipe: PruneRecipe) -> Any:
-    from flexigpt.shared.train_setup import load_tokenizer
-
-    try:
-        return load_tokenizer(recipe.model)
-    except (OSError, ValueError) as e:
-        raise PruneError(
-            f"model.tokenizer={recipe.model.tokenizer!r} / model.source={recipe.model.source!r}: no tokenizer "
-            f"could be loaded ({e}); set model.tokenizer"
-        ) from e
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()

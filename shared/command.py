@@ -1,0 +1,199 @@
+"""What the grow and prune commands share: the CLI main, the command recipe base, the hand-off to the trainer.
+
+Both commands read a recipe of their own kind, build a model once on rank 0, save it to an
+``initial/`` directory and hand a ``train`` recipe starting from there to the trainer on every rank.
+The pieces of that shape live here so that ``grow/`` and ``prune/`` (which never import each other)
+keep only what is theirs. Importing this module loads no torch or transformers: ``--help-recipe``
+and a bad recipe answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import model_validator
+
+from .recipe import BaseRecipe, ModelSection, RecipeError, TrainRecipe, describe_recipe, load_recipe
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+RunFn = Callable[[Any, argparse.Namespace, Callable[..., None]], int]
+
+
+class CommandRecipe(BaseRecipe):
+    """A recipe whose command makes the model (and its plan) itself from its own section, then trains it.
+
+    Subclasses name that section in ``command_section`` (it is dropped from the hand-off ``train``
+    recipe) and say in ``plan_made`` what the command makes, for the ``model.plan`` refusal.
+    """
+
+    command_section: ClassVar[str]
+    plan_made: ClassVar[str] = "the plan"
+
+    @model_validator(mode="after")
+    def _check_no_model_plan(self) -> CommandRecipe:
+        # the command's own section decides the plan; a second one from model.plan would contradict it
+        if self.model.plan is not None:
+            s = self.command_section
+            raise ValueError(
+                f"model.plan: the {s} command makes {self.plan_made} itself from {s}:; set model.plan to null"
+            )
+        return self
+
+
+def _quiet(*_: Any, **__: Any) -> None:
+    """The report sink of every rank but 0."""
+
+
+def is_main_rank() -> bool:
+    """Whether this process is rank 0 (or runs without a launcher)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def command_parser(prog: str, kind: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser every recipe command starts from: ``RECIPE.yaml [key.path=value ...]``.
+
+    The command adds its own flags; every other knob is a recipe field (the flag set stays closed).
+    """
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("recipe", help=f"YAML recipe (kind: {kind})")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, validated like the file")
+    return p
+
+
+def run_command(
+    prog: str,
+    recipe_cls: type[BaseRecipe],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    run_fn: RunFn,
+    known_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """The main of a recipe command: parse, validate, print the resolved recipe, run, map errors to exit 2.
+
+    Args:
+        prog: the command name, the prefix of every error line.
+        recipe_cls: the recipe class of the command's kind; another kind is refused.
+        parser: parses ``recipe`` (a path), ``overrides`` (``key.path=value``) and the command's flags.
+        argv: the arguments (``sys.argv[1:]`` when None). ``--help-recipe`` first prints every field.
+        run_fn: ``run_fn(recipe, args, log)`` does the work and returns the exit status; ``log`` is
+            ``print`` on rank 0 and silent on the others.
+        known_errors: exceptions of `run_fn` that mean a refused run: their message, exit status 2.
+
+    Returns:
+        The exit status: 0, 2 for a bad recipe or a refused run, or what `run_fn` returns
+        (``signal_exit_status``: 128 + signal number when a signal stopped training).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--help-recipe"]:
+        print(describe_recipe(recipe_cls))
+        return 0
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if not isinstance(recipe, recipe_cls):
+            kind = recipe_cls.model_fields["kind"].default
+            raise RecipeError(f"{args.recipe}: kind={recipe.kind!r}; {prog} runs kind {kind!r} recipes")
+    except RecipeError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    main_rank = is_main_rank()
+    if main_rank:
+        print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
+    try:
+        return run_fn(recipe, args, print if main_rank else _quiet)
+    except known_errors as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+
+
+def signal_exit_status(interrupted_by: int | None) -> int:
+    """128 + the signal number that stopped training (the shell's convention), else 0."""
+    return 128 + interrupted_by if interrupted_by else 0
+
+
+def read_source_config(source: str, error: type[Exception], refusal: str) -> PretrainedConfig:
+    """The config of the plain source model `source` (a hub id downloads only ``config.json``).
+
+    Args:
+        source: ``model.source`` of the recipe.
+        error: the command's error class.
+        refusal: what the command asks for instead of a compact checkpoint (ends the message).
+
+    Raises:
+        error: the source is a compact (shared-block) checkpoint.
+    """
+    from transformers import AutoConfig
+
+    from .checkpoint import is_compact
+
+    if Path(source).is_dir() and is_compact(source):
+        raise error(f"model.source={source!r} is a compact shared-block checkpoint; {refusal}")
+    return AutoConfig.from_pretrained(source)
+
+
+def load_command_tokenizer(
+    model: ModelSection, error: type[Exception], advice: str = "set model.tokenizer"
+) -> Any:
+    """The tokenizer of the model section, or `error` naming ``model.tokenizer`` / ``model.source``.
+
+    Raises:
+        error: no tokenizer could be loaded from either (the message ends with `advice`).
+    """
+    from .train_setup import load_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except (OSError, ValueError) as e:
+        raise error(
+            f"model.tokenizer={model.tokenizer!r} / model.source={model.source!r}: no tokenizer "
+            f"could be loaded ({e}); {advice}"
+        ) from e
+
+
+def barrier() -> None:
+    """Wait for every rank when a process group runs (rank 0 builds, the others wait for its files)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def handoff_train_recipe(
+    recipe: CommandRecipe,
+    initial: Path,
+    *,
+    output_dir: Path | None = None,
+    train: dict[str, Any] | None = None,
+) -> TrainRecipe:
+    """The ``train`` recipe the trainer runs after a command: its sections, starting from ``initial/``.
+
+    Args:
+        recipe: the command's recipe; its ``command_section`` is dropped.
+        initial: the saved model the training starts from (``model.source``).
+        output_dir: the training's run directory; None keeps the recipe's ``output_dir``.
+        train: ``train:`` values that replace the recipe's (e.g. ``trainable_layers``).
+
+    Returns:
+        The validated ``train`` recipe. Its tokenizer is the recipe's ``model.tokenizer``, else the
+        one saved in `initial`, else the original source's; ``model.plan`` is null (`initial` carries
+        its plan).
+    """
+    raw = recipe.model_dump(mode="json")
+    raw.pop(recipe.command_section)
+    raw["kind"] = "train"
+    if output_dir is not None:
+        raw["output_dir"] = str(output_dir)
+    raw["model"]["source"] = str(initial)
+    raw["model"]["tokenizer"] = recipe.model.tokenizer or (
+        str(initial) if (initial / "tokenizer_config.json").is_file() else recipe.model.source
+    )
+    raw["model"]["plan"] = None
+    raw["train"].update(train or {})
+    return TrainRecipe.model_validate(raw)
