@@ -12,6 +12,8 @@ import torch
 
 from flexigpt.prune.selection import BlockSource
 
+from ..kit import workspace_overrides, write_workspace
+
 
 def make_drifting_source(
     num_blocks: int = 8,
@@ -56,26 +58,9 @@ def drifting() -> Callable[..., BlockSource]:
 @pytest.fixture(scope="session")
 def prune_workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tokenizer, corpus and a 6-layer tiny LLaMA-2 source model on disk, written once per session."""
-    from flexigpt.shared.tiny import tiny_model
-
-    from ..grow.conftest import write_corpus, write_tokenizer
-
-    root = tmp_path_factory.mktemp("prune_ws")
-    tiny_model("llama2", num_layers=6, hidden=32, heads=4).save_pretrained(root / "model")
-    return {
-        "tok": write_tokenizer(root / "tok"),
-        "corpus": write_corpus(root / "corpus"),
-        "model": root / "model",
-    }
+    return write_workspace(tmp_path_factory.mktemp("prune_ws"), num_layers=6)
 
 
 def prune_overrides(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
     """Overrides that point recipes/prune/local-tiny.yaml at a workspace and an output directory."""
-    return [
-        f"model.source={ws['model']}",
-        f"model.tokenizer={ws['tok']}",
-        f"data.files=[{ws['corpus']}/*.jsonl]",
-        f"data.eval.files=[{ws['corpus']}/*.jsonl]",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return workspace_overrides(ws, out, *extra, eval_files=True)
