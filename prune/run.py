@@ -35,7 +35,6 @@ from transformers import PretrainedConfig
 from flexigpt.shared.checkpoint import load_compact, save_compact
 from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine import expected_trainable
-from flexigpt.shared.layout import get_layout
 from flexigpt.shared.plan import Plan, PlanError
 from flexigpt.shared.recipe import TrainRecipe
 
@@ -43,7 +42,7 @@ from .build import PruneError, build_variant, export_plain
 from .importance import ImportanceResult, n_blocks_to_remove
 from .plots import plot_distances, plot_importance
 from .recipe import PruneRecipe
-from .replace import GammaCalibration, build_plan, calibrate_gamma, shortgpt_lora_plan
+from .replace import GammaCalibration, build_plan, calibrate_gamma
 from .selection import SelectionResult
 from .steps import (
     SourceModel,
@@ -206,35 +205,8 @@ def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
     return "ready" if done else "fresh"
 
 
-def check_ranks(recipe: PruneRecipe, config: PretrainedConfig) -> None:
-    """Refuse an adapter rank above a target's size while the engine cannot count clamped ranks.
-
-    ``replace.build_plan`` clamps such a rank per target (``rank_pattern``), but
-    ``engine.expected_trainable`` counts every target at the plan's rank, so the build check and the
-    trainer's ``set_trainable`` would both refuse the model later. The probe makes this check lapse by
-    itself once the engine counts per-target ranks.
-    """
-    r = recipe.prune.replace
-    shapes = get_layout(config).matrix_shapes(config)
-    over = {t: shapes[t] for t in r.targets if r.rank > min(shapes[t])}
-    if not over:
-        return
-    probe = shortgpt_lora_plan(
-        config.model_type, config.num_hidden_layers, [0], rank=r.rank, targets=r.targets, matrix_shapes=shapes
-    )
-    per_slot = sum(min(r.rank, *shapes[t]) * sum(shapes[t]) for t in r.targets)
-    if expected_trainable(probe, config, "adapters") != per_slot * probe.num_slots:
-        top = min(min(v) for v in over.values())
-        raise PruneError(
-            f"prune.replace.rank={r.rank} exceeds targets {over} (out x in) of this model: allowed 1..{top}, or "
-            "leave those targets out of prune.replace.targets (the engine's parameter count does not follow "
-            "clamped per-target ranks yet, so such a model could not be checked or trained)"
-        )
-
-
 def precheck(recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, n: int) -> None:
     """Refuse, before anything is computed or written, what a rerun would refuse later (every rank)."""
-    check_ranks(recipe, config)
     check_settings(rd, run_settings(recipe, n))
     needs_sel = "flexigpt" in recipe.prune.variants
     if not rd.importance.is_file() or (needs_sel and not rd.selection.is_file()):
