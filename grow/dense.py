@@ -15,12 +15,11 @@ shared model the trainer wraps it in, since both name the layers ``model.layers.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from flexigpt.shared.engine import stack_config
 from flexigpt.shared.layout import ArchLayout, get_layout
 
 from .strategies import DensePlan, GrowError
@@ -28,13 +27,7 @@ from .strategies import DensePlan, GrowError
 
 def grown_config(source_config: PretrainedConfig, plan: DensePlan, layout: ArchLayout) -> PretrainedConfig:
     """The config of the grown stack: layer count and per-layer fields follow ``plan.order``."""
-    config = copy.deepcopy(source_config)
-    config.num_hidden_layers = plan.num_layers
-    for name in layout.per_layer_config:
-        values = getattr(source_config, name, None)
-        if values is not None:
-            setattr(config, name, [values[b] for b in plan.order])
-    return config
+    return stack_config(source_config, plan.order, layout)
 
 
 @torch.no_grad()

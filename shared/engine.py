@@ -14,7 +14,7 @@ that only changes how it is saved (the compact format) and knows its plan; every
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -104,15 +104,25 @@ def _layers(model: nn.Module, layout: ArchLayout) -> nn.ModuleList:
     return model.get_submodule(layout.layers_path)
 
 
-def _slot_config(source_config: PretrainedConfig, plan: Plan, layout: ArchLayout) -> PretrainedConfig:
-    """The config of the slot stack: layer count and per-layer fields follow the slots."""
+def stack_config(
+    source_config: PretrainedConfig, blocks: Sequence[int], layout: ArchLayout
+) -> PretrainedConfig:
+    """The config of a stack whose layer i runs source block ``blocks[i]``.
+
+    The layer count and every per-layer config list (Qwen2 ``layer_types``) follow ``blocks``;
+    shared and dense (copied) stacks are described the same way.
+    """
     config = copy.deepcopy(source_config)
-    config.num_hidden_layers = plan.num_slots
+    config.num_hidden_layers = len(blocks)
     for field in layout.per_layer_config:
         values = getattr(source_config, field, None)
         if values is not None:
-            setattr(config, field, [values[s.block] for s in plan.slots])
+            setattr(config, field, [values[b] for b in blocks])
     return config
+
+
+def _slot_config(source_config: PretrainedConfig, plan: Plan, layout: ArchLayout) -> PretrainedConfig:
+    return stack_config(source_config, [s.block for s in plan.slots], layout)
 
 
 # ---------------------------------------------------------------------------------------------
