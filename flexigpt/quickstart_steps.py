@@ -139,11 +139,7 @@ def step_grow(ctx: Context) -> dict[str, Any]:
     s, run = ctx.scale, ctx.run_dir("grow")
     start, end = s.grow_span
     raw = _train_recipe_base(ctx, "grow", run, steps=s.grow_steps, lr=4e-3)
-    raw["model"] = {
-        "source": str(ctx.run_dir("base") / "final_materialized"),
-        "tokenizer": str(ctx.tokenizer),
-        "attn_implementation": "sdpa",
-    }
+    raw["model"] = _trained_base(ctx)
     raw["grow"] = {
         "strategy": "block",
         "start": start,
@@ -163,11 +159,7 @@ def step_prune(ctx: Context) -> dict[str, Any]:
     """The prune command: FlexiGPT, ShortGPT and ShortGPT+LoRA from one importance pass, brief recovery."""
     s, run = ctx.scale, ctx.run_dir("prune")
     raw = _train_recipe_base(ctx, "prune", run, steps=s.prune_steps, lr=4e-3)
-    raw["model"] = {
-        "source": str(ctx.run_dir("base") / "final_materialized"),
-        "tokenizer": str(ctx.tokenizer),
-        "attn_implementation": "sdpa",
-    }
+    raw["model"] = _trained_base(ctx)
     raw["prune"] = {
         "variants": list(PRUNE_VARIANTS),
         "ratio": s.prune_ratio,
@@ -314,6 +306,15 @@ def report_notes(ctx: Context) -> list[str]:
 
 
 # -------------------------------------------------------------------------------- plumbing
+def _trained_base(ctx: Context) -> dict[str, Any]:
+    """The model section of the grow and prune runs: the trained base model, exported plain."""
+    return {
+        "source": str(ctx.run_dir("base") / "final_materialized"),
+        "tokenizer": str(ctx.tokenizer),
+        "attn_implementation": "sdpa",
+    }
+
+
 def _train_recipe_base(ctx: Context, kind: str, run: Path, *, steps: int, lr: float) -> dict[str, Any]:
     """The sections every quickstart training run shares: the corpus stream and a short schedule."""
     s = ctx.scale
