@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from flexigpt.prune.selection import (
+from flexigpt.prune.depth.selection import (
     Factors,
     low_rank_factors,
     residual_distance_exact,

@@ -54,8 +54,8 @@ def _setup(d: Path) -> tuple[Path, Path, list[str]]:
 
 
 def _pipeline(tok, corpus: Path, tokens: int, workers: int) -> float:
-    from flexigpt.shared.data import PackedLoader
     from flexigpt.shared.recipe import DataSection
+    from flexigpt.shared.train.data import PackedLoader
 
     cfg = DataSection(
         source="files",

@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-from flexigpt.shared.engine import apply_plan, materialize, set_trainable
-from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
-from flexigpt.shared.tiny import tiny_model
+from flexigpt.shared.engine.apply import apply_plan, materialize, set_trainable
+from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+from flexigpt.shared.engine.tiny import tiny_model
 
 
 def _sync(device: str) -> None:

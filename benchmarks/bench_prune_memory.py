@@ -60,8 +60,8 @@ class Sampler(threading.Thread):
 
 
 def write_workspace(root: Path, layers: int, hidden: int, file_dtype: str) -> tuple[Path, int]:
-    from flexigpt.shared.evaluate import load_tokenizer
-    from flexigpt.shared.tiny import tiny_model
+    from flexigpt.shared.engine.tiny import tiny_model
+    from flexigpt.shared.evaluate.perplexity import load_tokenizer
 
     model = tiny_model(
         "llama2",
@@ -97,7 +97,7 @@ def main() -> None:
         print(f"skipped: {DATA} not found")
         return
     torch.set_num_threads(2)
-    from flexigpt.prune.run import prune, source_config
+    from flexigpt.prune.depth.run import prune, source_config
     from flexigpt.shared.recipe import load_recipe
 
     root = Path(tempfile.mkdtemp(prefix="bench-prune-mem-"))

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from flexigpt.shared.engine import apply_plan
-from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+from flexigpt.shared.engine.apply import apply_plan
+from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+from flexigpt.shared.engine.tiny import tiny_model
 from flexigpt.shared.speculative import draft_slots, make_draft, speculative_generate
-from flexigpt.shared.tiny import tiny_model
 
 SETTINGS = ("grown3x", "tinyllama", "pruned30", "gamma")
 

@@ -78,20 +78,20 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from flexigpt.shared.data import PackedLoader
-    from flexigpt.shared.ds_config import build_ds_config, load_ds_config
-    from flexigpt.shared.engine import apply_plan, set_trainable
-    from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+    from flexigpt.shared.engine.apply import apply_plan, set_trainable
+    from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+    from flexigpt.shared.engine.tiny import tiny_model
     from flexigpt.shared.recipe import recipe_from_dict
-    from flexigpt.shared.tiny import tiny_model
-    from flexigpt.shared.train_setup import (
+    from flexigpt.shared.train.components import (
         build_optimizer,
         build_scheduler,
         flops_per_token,
         init_distributed,
         launcher_env,
     )
-    from flexigpt.shared.trainer import _Loop
+    from flexigpt.shared.train.data import PackedLoader
+    from flexigpt.shared.train.ds_config import build_ds_config, load_ds_config
+    from flexigpt.shared.train.trainer import _Loop
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     vocab = 512

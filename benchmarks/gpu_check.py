@@ -25,8 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))  # the tiny workspace builders live with the tests
 
-from flexigpt.shared.checkpoint import load_compact  # noqa: E402
 from tests.shared.trainkit import recipe_dict, workspace, write_recipe  # noqa: E402
+
+from flexigpt.shared.engine.checkpoint import load_compact  # noqa: E402
 
 
 def run(

@@ -192,7 +192,7 @@ def step_prune(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- eval
 def step_eval(ctx: Context) -> dict[str, Any]:
     """Perplexity and the toy zero-shot task for every variant, then the report with its plots."""
-    from flexigpt.shared.eval_cli import EvalConfig, run_eval
+    from flexigpt.shared.evaluate.cli import EvalConfig, run_eval
 
     s = ctx.scale
     tasks = ctx.out / "tasks"
@@ -231,7 +231,7 @@ def step_eval(ctx: Context) -> dict[str, Any]:
 
 def write_task(ctx: Context, tasks: Path) -> None:
     """The toy multiple-choice task from held-out sentences, written as a local lm-eval task."""
-    from flexigpt.shared.zeroshot import write_choice_task
+    from flexigpt.shared.evaluate.zeroshot import write_choice_task
 
     docs = continuation_docs(list(read_documents(ctx.corpus / "heldout")), ctx.scale.task_docs)
     tmp = tasks.with_name(f".{tasks.name}.tmp")
@@ -358,7 +358,7 @@ def write_recipe(ctx: Context, name: str, raw: dict[str, Any]) -> Path:
     if raw["kind"] == "grow":
         import flexigpt.grow.recipe  # noqa: F401  (registers kind "grow")
     elif raw["kind"] == "prune":
-        import flexigpt.prune.recipe  # noqa: F401  (registers kind "prune")
+        import flexigpt.prune.depth.recipe  # noqa: F401  (registers kind "prune")
     try:
         recipe = recipe_from_dict(raw, where=f"quickstart {name} recipe")
     except RecipeError as e:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from flexigpt.shared.engine import apply_plan, check_plan_fits, expected_trainable, stored_param_count
-from flexigpt.shared.layout import get_layout
-from flexigpt.shared.plan import Plan
+from flexigpt.shared.engine.apply import apply_plan, check_plan_fits, expected_trainable, stored_param_count
+from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.plan import Plan
 
 from .dense import dense_param_count, grow_dense
 from .strategies import DensePlan, GrowError
@@ -116,7 +116,7 @@ def grow_model(
     if getattr(source, "plan", None) is not None:
         raise GrowError(
             "the source is a shared-block (compact) model; grow a plain model (materialise it first with "
-            "flexigpt.shared.checkpoint.export_materialized if it has no output norms)"
+            "flexigpt.shared.engine.checkpoint.export_materialized if it has no output norms)"
         )
     config = source.config
     check_fits(plan, config)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from flexigpt.shared.engine import stack_config
-from flexigpt.shared.layout import ArchLayout, get_layout
+from flexigpt.shared.engine.apply import stack_config
+from flexigpt.shared.engine.layout import ArchLayout, get_layout
 
 from .strategies import DensePlan, GrowError
 

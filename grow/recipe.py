@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from flexigpt.shared.command import CommandRecipe
-from flexigpt.shared.plan import TARGETS, AdapterSpec, OutNormSpec
+from flexigpt.shared.engine.plan import TARGETS, AdapterSpec, OutNormSpec
 from flexigpt.shared.recipe import Section, register_recipe_kind
 
 from .strategies import STRATEGIES, GrowOptions

@@ -26,9 +26,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from flexigpt.shared.checkpoint import load_model, save_compact
 from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
-from flexigpt.shared.plan import Plan
+from flexigpt.shared.engine.checkpoint import load_model, save_compact
+from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.recipe import TrainRecipe
 
 from .build import ParamCounts, check_fits, grow_model, param_counts
@@ -181,7 +181,7 @@ def run(recipe: GrowRecipe, *, plan_only: bool = False, log: Any = print) -> Any
         log(setup.plan.summary())
         log(setup.counts.describe())
         return setup
-    from flexigpt.shared.train_setup import init_distributed
+    from flexigpt.shared.train.components import init_distributed
 
     rank, _, _, _ = init_distributed(recipe.train.cpu_shm_comm)
     state = existing_state(setup)  # on every rank, before anything is written: all refuse alike
@@ -198,6 +198,6 @@ def run(recipe: GrowRecipe, *, plan_only: bool = False, log: Any = print) -> Any
             build_initial(recipe, setup, tokenizer=tokenizer)
     barrier()
     # every rank starts from the saved initial model, so all ranks (and every restart) agree exactly
-    from flexigpt.shared.trainer import train
+    from flexigpt.shared.train.trainer import train
 
     return train(train_recipe(recipe, setup))

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, PlanError, SlotSpec
+from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, PlanError, SlotSpec
 
 DENSE_PLAN_FORMAT = "flexigpt-dense-plan/1"
 PLACEMENTS: tuple[str, ...] = ("block", "sequential")

@@ -1,6 +1,9 @@
-"""Pruning: block importance, base selection, replacement plans and the prune command.
+"""Pruning, one room per method family, run by one ``flexigpt-prune`` command.
 
-Importing this package registers the ``prune`` recipe kind (``recipe.py``).
+- ``depth/``: FlexiGPT and the ShortGPT baselines (recipe kind ``prune``).
+- ``cli``: the command, which picks the method from the recipe's ``kind``.
+
+Importing this package registers the ``prune`` recipe kind (``depth/recipe.py``).
 """
 
-from . import recipe as _recipe  # noqa: F401  (registers kind "prune" with the recipe loader)
+from flexigpt.prune.depth import recipe as _recipe  # noqa: F401  (registers kind "prune" with the recipe loader)

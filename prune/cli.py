@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from flexigpt.prune.depth.build import PruneError
+from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
 from flexigpt.shared.command import command_parser, run_command, signal_exit_status
-from flexigpt.shared.plan import PlanError
+from flexigpt.shared.engine.plan import PlanError
 from flexigpt.shared.recipe import RecipeError
-
-from .build import PruneError
-from .recipe import VARIANTS, PruneRecipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
-    from .run import run
+    from flexigpt.prune.depth.run import run
 
     result = run(recipe, prune_only=args.prune_only, log=log)
     if args.prune_only:

@@ -4,6 +4,6 @@ Importing this package registers the compact checkpoint format with the transfor
 (``AutoModelForCausalLM.from_pretrained(dir)`` then loads it, without ``trust_remote_code``).
 """
 
-from .checkpoint import register_auto_classes
+from flexigpt.shared.engine.checkpoint import register_auto_classes
 
 register_auto_classes()

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import model_validator
 
-from .recipe import BaseRecipe, ModelSection, RecipeError, TrainRecipe, describe_recipe, load_recipe
+from flexigpt.shared.recipe import (
+    BaseRecipe,
+    ModelSection,
+    RecipeError,
+    TrainRecipe,
+    describe_recipe,
+    load_recipe,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -131,7 +138,7 @@ def read_source_config(source: str, error: type[Exception], refusal: str) -> Pre
     """
     from transformers import AutoConfig
 
-    from .checkpoint import is_compact
+    from flexigpt.shared.engine.checkpoint import is_compact
 
     if Path(source).is_dir() and is_compact(source):
         raise error(f"model.source={source!r} is a compact shared-block checkpoint; {refusal}")
@@ -146,7 +153,7 @@ def load_command_tokenizer(
     Raises:
         error: no tokenizer could be loaded from either (the message ends with `advice`).
     """
-    from .train_setup import load_tokenizer
+    from flexigpt.shared.train.components import load_tokenizer
 
     try:
         return load_tokenizer(model)

@@ -58,9 +58,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .engine import SOURCE_CLASSES
-from .layout import get_layout
-from .plan import Plan
+from flexigpt.shared.engine.apply import SOURCE_CLASSES
+from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.plan import Plan
 
 
 # ---------------------------------------------------------------------------------------------

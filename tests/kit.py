@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from flexigpt.shared.tiny import tiny_model
+from flexigpt.shared.engine.tiny import tiny_model
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3: the tiny models use pad 0, bos 1, eos 2
 DETS = ["the", "a", "one", "some"]

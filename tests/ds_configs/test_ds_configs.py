@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flexigpt.shared.ds_config import (
+from flexigpt.shared.recipe import TrainSection
+from flexigpt.shared.train.ds_config import (
     BATCH_KEYS,
     DSConfigError,
     build_ds_config,
@@ -16,7 +17,6 @@ from flexigpt.shared.ds_config import (
     load_ds_config,
     zero_stage,
 )
-from flexigpt.shared.recipe import TrainSection
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO_ROOT / "ds_configs").glob("*.json"))

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from flexigpt.grow.cli import main
 from flexigpt.grow.dense import set_dense_trainable
 from flexigpt.grow.strategies import DensePlan
-from flexigpt.shared.checkpoint import load_compact, load_model
-from flexigpt.shared.engine import stored_param_count
-from flexigpt.shared.plan import Plan
+from flexigpt.shared.engine.apply import stored_param_count
+from flexigpt.shared.engine.checkpoint import load_compact, load_model
+from flexigpt.shared.engine.plan import Plan
 
 from .conftest import REPO_ROOT, local_overrides
 

@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM
 from flexigpt.grow.build import grow_model, param_counts
 from flexigpt.grow.dense import set_dense_trainable
 from flexigpt.grow.strategies import GrowOptions, build_plan
-from flexigpt.shared.adapters import SharedLoraLinear, lora_factors
-from flexigpt.shared.checkpoint import export_materialized, load_compact, save_compact
-from flexigpt.shared.engine import materialize, set_trainable, stored_param_count
-from flexigpt.shared.layout import get_layout
-from flexigpt.shared.plan import AdapterSpec, OutNormSpec
-from flexigpt.shared.tiny import tiny_model
+from flexigpt.shared.engine.adapters import SharedLoraLinear, lora_factors
+from flexigpt.shared.engine.apply import materialize, set_trainable, stored_param_count
+from flexigpt.shared.engine.checkpoint import export_materialized, load_compact, save_compact
+from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec
+from flexigpt.shared.engine.tiny import tiny_model
 
 TOKENS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 LAYERS = 5

@@ -19,7 +19,7 @@ from flexigpt.grow.strategies import (
     grown_order,
     register_strategy,
 )
-from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan
+from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan
 from flexigpt.shared.recipe import RecipeError, load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

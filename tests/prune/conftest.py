@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexigpt.prune.selection import BlockSource
+from flexigpt.prune.depth.selection import BlockSource
 
 from ..kit import workspace_overrides, write_workspace
 

@@ -17,14 +17,14 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flexigpt.prune.build import build_variant, export_plain
 from flexigpt.prune.cli import main
-from flexigpt.prune.replace import ReplacementOptions, build_plan, choose_bases
-from flexigpt.prune.selection import source_from_model
-from flexigpt.shared.checkpoint import export_materialized, load_compact
-from flexigpt.shared.engine import expected_trainable, stored_param_count
-from flexigpt.shared.plan import Plan
-from flexigpt.shared.tiny import tiny_model
+from flexigpt.prune.depth.build import build_variant, export_plain
+from flexigpt.prune.depth.replace import ReplacementOptions, build_plan, choose_bases
+from flexigpt.prune.depth.selection import source_from_model
+from flexigpt.shared.engine.apply import expected_trainable, stored_param_count
+from flexigpt.shared.engine.checkpoint import export_materialized, load_compact
+from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.engine.tiny import tiny_model
 
 from .conftest import prune_overrides
 

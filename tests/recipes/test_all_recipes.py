@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flexigpt.shared.ds_config import build_ds_config, load_ds_config
 from flexigpt.shared.recipe import RECIPE_KINDS, load_recipe
+from flexigpt.shared.train.ds_config import build_ds_config, load_ds_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml")) + sorted((REPO_ROOT / "recipes").rglob("*.yml"))

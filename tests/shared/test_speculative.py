@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexigpt.shared.engine import apply_plan, materialize, stored_param_count
-from flexigpt.shared.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+from flexigpt.shared.engine.apply import apply_plan, materialize, stored_param_count
+from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
+from flexigpt.shared.engine.tiny import tiny_model
 from flexigpt.shared.speculative import (
     SlotCache,
     draft_slots,
@@ -21,7 +22,6 @@ from flexigpt.shared.speculative import (
     skipped_slots,
     speculative_generate,
 )
-from flexigpt.shared.tiny import tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,0 +1,408 @@
+"""The prune command as library calls: measure, choose, build every variant once, hand over to the trainer.
+
+``output_dir`` of a prune run holds
+
+- ``prune_recipe.yaml`` (the resolved recipe) and ``prune_settings.json`` (what decides the removed
+  blocks and the bases: source, ratio, metric, calibration, selection options); a rerun with other
+  settings is refused;
+- ``importance.json`` / ``importance.png``: one score per block, removed blocks in red;
+- ``selection.json`` / ``selection.png``: block distances and picks (flexigpt variant only);
+- ``source_ppl.json``: the unpruned model's perplexity on the same text as the variants';
+- ``summary.json``: removed blocks, picks, every variant's stored parameters and start perplexity,
+  peak resident memory of the pruning step;
+- ``<variant>/`` for each of flexigpt, shortgpt, shortgpt_lora:
+  ``initial/`` (the pruned model, compact format; ShortGPT also ``initial_plain/``, a plain HF
+  model with fewer layers), ``plan.json`` (written once ``initial/`` is complete: the completion
+  mark), ``start_ppl.json``, ``gamma.json`` (flexigpt with ``gamma: calibrate``), and what the
+  trainer writes there (``recipe.yaml``, ``checkpoints/``, ``tb/``, ``final/``).
+
+Run again with the same recipe, every finished step is read back instead of redone and the
+trainer resumes each variant from its newest checkpoint. A variant whose plan differs from the one
+on disk is refused; a variant added to the recipe later is built from the saved importance scores.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from collections.abc import Callable
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from flexigpt.prune.depth.build import PruneError, build_variant, export_plain
+from flexigpt.prune.depth.importance import ImportanceResult, n_blocks_to_remove
+from flexigpt.prune.depth.plots import plot_distances, plot_importance
+from flexigpt.prune.depth.recipe import PruneRecipe
+from flexigpt.prune.depth.replace import GammaCalibration, build_plan, calibrate_gamma
+from flexigpt.prune.depth.selection import SelectionResult
+from flexigpt.prune.depth.steps import (
+    SourceModel,
+    StartPerplexity,
+    calibration_stream,
+    calibration_tensors,
+    importance_step,
+    named_errors,
+    resolve_device,
+    resolve_dtype,
+    selection_step,
+)
+from flexigpt.prune.depth.summary import PruneSummary, summary_table, variant_entry, write_summary
+from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
+from flexigpt.shared.engine.apply import expected_trainable
+from flexigpt.shared.engine.checkpoint import load_compact, save_compact
+from flexigpt.shared.engine.plan import Plan, PlanError
+from flexigpt.shared.recipe import TrainRecipe
+
+INITIAL, PLAIN = "initial", "initial_plain"
+
+
+class RunDir:
+    """The files of one prune run (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.recipe = root / "prune_recipe.yaml"
+        self.settings = root / "prune_settings.json"
+        self.importance = root / "importance.json"
+        self.importance_png = root / "importance.png"
+        self.selection = root / "selection.json"
+        self.selection_png = root / "selection.png"
+        self.source_ppl = root / "source_ppl.json"
+        self.summary = root / "summary.json"
+
+    def variant(self, name: str) -> Path:
+        return self.root / name
+
+
+# ----------------------------------------------------------------------------------- settings
+def source_config(recipe: PruneRecipe) -> PretrainedConfig:
+    """The source model's config (a hub id downloads only ``config.json``).
+
+    Raises:
+        PruneError: the source is a compact (shared-block) checkpoint.
+    """
+    return read_source_config(recipe.model.source, PruneError, "prune a plain model")
+
+
+def blocks_to_remove(recipe: PruneRecipe, config: PretrainedConfig) -> int:
+    """How many blocks ``prune.ratio`` removes under ``prune.ratio_rule``."""
+    try:
+        return n_blocks_to_remove(recipe.prune.ratio, config.num_hidden_layers, recipe.prune.ratio_rule)
+    except ValueError as e:
+        raise PruneError(f"prune.ratio / prune.ratio_rule: {e}") from e
+
+
+def run_settings(recipe: PruneRecipe, n_removed: int) -> dict[str, Any]:
+    """Everything that decides the removed blocks and the bases, keyed by recipe key."""
+    p = recipe.prune
+    return {
+        "model.source": recipe.model.source,
+        "model.tokenizer": recipe.model.tokenizer,
+        "prune.ratio": p.ratio,
+        "prune.ratio_rule": p.ratio_rule,
+        "n_removed": n_removed,
+        "prune.metric": p.metric,
+        "prune.calibration": {
+            **p.calibration.model_dump(mode="json", exclude={"stream"}),
+            "stream": calibration_stream(recipe).model_dump(mode="json"),
+        },
+        # read_from only says where the same weights are read from
+        "prune.selection": p.selection.model_dump(mode="json", exclude={"read_from"}),
+    }
+
+
+def check_settings(rd: RunDir, settings: dict[str, Any]) -> None:
+    """Refuse a run directory pruned with other settings (names the keys that differ)."""
+    if not rd.settings.is_file():
+        return
+    old = json.loads(rd.settings.read_text())
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        raise PruneError(
+            f"output_dir={str(rd.root)!r} was pruned with other values of {', '.join(diff)}; refusing to mix two "
+            f"runs. Use another output_dir, or the recipe of that run ({rd.recipe})"
+        )
+
+
+# ------------------------------------------------------------------------------------- plans
+def variant_plan(
+    recipe: PruneRecipe,
+    config: PretrainedConfig,
+    kind: str,
+    removed: list[int],
+    selection: SelectionResult | None,
+    gamma: GammaCalibration | None = None,
+) -> Plan:
+    """The plan of one variant; with a gamma calibration, its chosen gamma is the plan's."""
+    options = recipe.prune.options()
+    if gamma is not None:
+        options = dc_replace(options, gamma=gamma.gamma)
+    try:
+        plan = build_plan(kind, config, selection if kind == "flexigpt" else removed, options)
+    except PlanError as e:
+        raise PruneError(f"prune.replace: {e}") from e
+    p = recipe.prune
+    plan.notes.update(
+        {"source": recipe.model.source, "ratio": p.ratio, "ratio_rule": p.ratio_rule, "importance": p.metric}
+    )
+    if gamma is not None:
+        plan.notes["gamma_calibration"] = {
+            "rule": p.replace.gamma_rule,
+            "candidates": sorted(p.replace.gamma_candidates),
+            "gamma": gamma.gamma,
+        }
+    return plan
+
+
+def _saved_gamma(vdir: Path) -> GammaCalibration | None:
+    path = vdir / "gamma.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    return GammaCalibration(d["gamma"], d["target_ppl"], [tuple(x) for x in d["table"]])
+
+
+def plans_for(
+    recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, removed: list[int], sel: SelectionResult | None
+) -> dict[str, Plan]:
+    """Every variant's plan (a calibrated gamma is read back from its ``gamma.json``)."""
+    calibrate = recipe.prune.replace.gamma == "calibrate"
+    return {
+        v: variant_plan(
+            recipe,
+            config,
+            v,
+            removed,
+            sel,
+            _saved_gamma(rd.variant(v)) if v == "flexigpt" and calibrate else None,
+        )
+        for v in recipe.prune.variants
+    }
+
+
+def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
+    """``fresh`` (not built yet) or ``ready`` (initial model and an equal plan on disk).
+
+    Raises:
+        PruneError: the variant directory holds a model of another plan.
+    """
+    vdir = rd.variant(name)
+    mark = vdir / "plan.json"
+    if not mark.is_file():
+        return "fresh"
+    if Plan.load(mark).to_dict() != plan.to_dict():
+        raise PruneError(
+            f"{vdir} was built with another plan ({mark}); refusing to overwrite a started run. Use another "
+            f"output_dir, or the recipe of that run ({rd.recipe})"
+        )
+    done = (vdir / INITIAL / "config.json").is_file() and (
+        name != "shortgpt" or (vdir / PLAIN / "config.json").is_file()
+    )
+    return "ready" if done else "fresh"
+
+
+def precheck(recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, n: int) -> None:
+    """Refuse, before anything is computed or written, what a rerun would refuse later (every rank)."""
+    check_settings(rd, run_settings(recipe, n))
+    needs_sel = "flexigpt" in recipe.prune.variants
+    if not rd.importance.is_file() or (needs_sel and not rd.selection.is_file()):
+        return
+    removed = ImportanceResult.load(rd.importance).least_important(n)
+    sel = SelectionResult.load(rd.selection) if needs_sel else None
+    for name, plan in plans_for(recipe, config, rd, removed, sel).items():
+        variant_state(rd, name, plan)
+
+
+# ------------------------------------------------------------------------------------- the step
+def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) -> PruneSummary:
+    """The pruning step: importance, selection, every variant built, saved and measured once.
+
+    Args:
+        recipe: a validated prune recipe.
+        config: the source config (``source_config``).
+        log: where the report lines go.
+
+    Returns:
+        The summary (also written to ``output_dir/summary.json``).
+
+    Raises:
+        PruneError: a refused rerun, or a recipe value that does not fit the model or the data.
+    """
+    rd, p = RunDir(Path(recipe.output_dir)), recipe.prune
+    n = blocks_to_remove(recipe, config)
+    settings = run_settings(recipe, n)
+    precheck(recipe, config, rd, n)
+    rd.root.mkdir(parents=True, exist_ok=True)
+    rd.settings.write_text(json.dumps(settings, indent=1) + "\n")
+    recipe.save(rd.recipe)
+    device = resolve_device(recipe)
+    source = SourceModel(recipe, device, resolve_dtype(recipe, device), log)
+    tokenizer = load_command_tokenizer(recipe.model, PruneError)
+
+    imp = importance_step(recipe, rd.importance, source, tokenizer, settings["prune.calibration"], log)
+    removed = imp.least_important(n)
+    log(
+        f"removing {n} of {config.num_hidden_layers} blocks (ratio {p.ratio}, rule {p.ratio_rule}): {removed}"
+    )
+    if not rd.importance_png.is_file():
+        plot_importance(imp, rd.importance_png, removed=removed)
+    sel = None
+    if "flexigpt" in p.variants:
+        sel = selection_step(recipe, rd.selection, source, removed, device, settings["prune.selection"], log)
+        if not rd.selection_png.is_file():
+            plot_distances(sel, rd.selection_png)
+    plans = plans_for(recipe, config, rd, removed, sel)
+    states = {v: variant_state(rd, v, plan) for v, plan in plans.items()}
+    _log_plans(recipe, config, plans, states, log)
+
+    ppl = StartPerplexity(recipe, tokenizer)
+    summary = PruneSummary(removed, dict(sel.picks) if sel else {}, plans)
+    src_ppl = ppl.measure("unpruned", source.get, rd.source_ppl, log)
+    summary.source = {
+        "path": recipe.model.source,
+        "layers": config.num_hidden_layers,
+        "start_ppl": src_ppl.ppl,
+    }
+    for name in p.variants:
+        vdir = rd.variant(name)
+        if states[name] == "fresh":
+            log(f"[{name}] building {vdir / INITIAL}")
+            built, plans[name] = _build(recipe, config, rd, name, plans[name], sel, source, tokenizer, log)
+            get_model: Callable[[], Any] = lambda m=built: m  # noqa: E731
+        else:
+            log(f"[{name}] {vdir / INITIAL} and plan.json match this recipe: not rebuilt")
+            get_model = lambda d=vdir / INITIAL: load_compact(d).to(device)  # noqa: E731
+        result = ppl.measure(name, get_model, vdir / "start_ppl.json", log)
+        built = get_model = None  # the variant is on disk; drop it before the next one is built
+        summary.variants[name] = variant_entry(
+            config,
+            plans[name],
+            vdir,
+            PLAIN if name == "shortgpt" else None,
+            result.ppl,
+            name in trained_variants(recipe),
+        )
+    source.free()
+    summary.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    write_summary(rd.summary, imp, summary)
+    log(summary_table(summary))
+    return summary
+
+
+def _log_plans(
+    recipe: PruneRecipe,
+    config: PretrainedConfig,
+    plans: dict[str, Plan],
+    states: dict[str, str],
+    log: Callable,
+) -> None:
+    source = expected_trainable(Plan.identity(config.model_type, config.num_hidden_layers), config, "all")
+    for name, plan in plans.items():
+        stored = expected_trainable(plan, config, "all")
+        log(f"[{name}] {plan.summary()}")
+        log(f"[{name}] stored parameters: {stored:,} = {stored / source:.2%} of the source's {source:,}")
+        r = recipe.prune.replace
+        if name == "flexigpt" and r.gamma == "calibrate" and states[name] == "fresh":
+            log(f"[{name}] gamma: calibrate (chosen from {r.gamma_candidates} once the model is built)")
+
+
+def _build(
+    recipe: PruneRecipe,
+    config: PretrainedConfig,
+    rd: RunDir,
+    name: str,
+    plan: Plan,
+    sel: SelectionResult | None,
+    source: SourceModel,
+    tokenizer: Any,
+    log: Callable,
+) -> tuple[Any, Plan]:
+    """Build one variant from the loaded source, save ``initial/`` (and the plain export), then the plan."""
+    vdir = rd.variant(name)
+    model = build_variant(source.get(), plan, config, seed=recipe.train.seed)
+    if name == "flexigpt" and recipe.prune.replace.gamma == "calibrate":
+        r = recipe.prune.replace
+        with named_errors("prune.calibration"):
+            samples = list(
+                calibration_tensors(recipe, tokenizer, getattr(config, "max_position_embeddings", None))
+            )
+        cal = calibrate_gamma(model, samples, candidates=r.gamma_candidates, rule=r.gamma_rule)
+        vdir.mkdir(parents=True, exist_ok=True)
+        (vdir / "gamma.json").write_text(
+            json.dumps({"gamma": cal.gamma, "target_ppl": cal.target_ppl, "table": cal.table}, indent=1)
+            + "\n"
+        )
+        log(
+            f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.4g}; tried {cal.table})"
+        )
+        plan = variant_plan(recipe, config, name, list(plan.removed_blocks), sel, cal)
+        model.plan = plan  # only gamma's initial value differs, and calibrate_gamma left it in the model
+    save_compact(model, vdir / INITIAL, tokenizer=tokenizer)
+    if name == "shortgpt":
+        export_plain(model, vdir / PLAIN, tokenizer=tokenizer)
+        log(f"[{name}] plain HF export ({plan.num_slots} layers) -> {vdir / PLAIN}")
+    plan.save(vdir / "plan.json")
+    return model, plan
+
+
+# ------------------------------------------------------------------------------------ training
+def trained_variants(recipe: PruneRecipe) -> list[str]:
+    """The variants that get a recovery run (shortgpt only with ``prune.shortgpt_recovery: all``)."""
+    return [v for v in recipe.prune.variants if v != "shortgpt" or recipe.prune.shortgpt_recovery == "all"]
+
+
+def train_recipe(recipe: PruneRecipe, name: str) -> TrainRecipe:
+    """The ``train`` recipe of one variant: the prune recipe's sections, starting from its ``initial/``.
+
+    Every variant gets the same ``train:`` and ``data:`` (the same recovery budget); the ShortGPT model
+    has no adapters, so its (optional) recovery trains every parameter.
+    """
+    vdir = RunDir(Path(recipe.output_dir)).variant(name)
+    train: dict[str, Any] = {}
+    if name == "shortgpt":
+        train["trainable"] = "all"
+    plan = Plan.load(vdir / "plan.json")
+    if "materialized" in recipe.train.export and any(s.out_norm for s in plan.slots):
+        train["export"] = "compact"  # output norms have no plain-model counterpart
+    return handoff_train_recipe(recipe, vdir / INITIAL, output_dir=vdir, train=train)
+
+
+def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print) -> Any:
+    """The prune command: prune on rank 0 (once), then train every variant's recovery on every rank.
+
+    Args:
+        recipe: a validated prune recipe.
+        prune_only: stop after the pruning step (no process group, no training).
+        log: where the report lines go (rank 0 only).
+
+    Returns:
+        The ``PruneSummary`` when `prune_only`, else ``{variant: TrainResult}`` of the recovery runs.
+
+    Raises:
+        PruneError: a refused rerun, or a recipe value that does not fit the model or the data.
+    """
+    config = source_config(recipe)
+    rd = RunDir(Path(recipe.output_dir))
+    precheck(recipe, config, rd, blocks_to_remove(recipe, config))  # every rank refuses alike
+    rank = 0
+    if not prune_only:
+        from flexigpt.shared.train.components import init_distributed
+
+        rank = init_distributed(recipe.train.cpu_shm_comm)[0]
+    summary = prune(recipe, config, log) if rank == 0 else None
+    barrier()
+    if prune_only:
+        return summary
+    from flexigpt.shared.train.trainer import train
+
+    results: dict[str, Any] = {}
+    for name in trained_variants(recipe):
+        log(f"[{name}] recovery training -> {rd.variant(name)}")
+        # every rank starts from the saved initial model, so all ranks (and every restart) agree exactly
+        results[name] = train(train_recipe(recipe, name))
+        if results[name].interrupted_by:
+            break  # a signal stopped this run after its checkpoint: leave the next variants for the rerun
+    return results

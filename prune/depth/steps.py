@@ -1,0 +1,313 @@
+"""The measuring steps of the prune command: the source model, calibration text, importance,
+base selection and perplexity, each reading the recipe and writing (or reusing) its file.
+
+Nothing here decides whether a step runs; ``run.py`` does. What each step reads from the recipe
+is also what ``run.run_settings`` records, so a run directory never mixes results of two settings.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from flexigpt.prune.depth.build import PruneError
+from flexigpt.prune.depth.importance import ImportanceResult, calibration_samples, compute_importance
+from flexigpt.prune.depth.recipe import PruneRecipe
+from flexigpt.prune.depth.replace import choose_bases
+from flexigpt.prune.depth.selection import (
+    BlockSource,
+    SelectionResult,
+    source_from_model,
+    source_from_safetensors,
+)
+from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.evaluate.perplexity import (
+    PerplexityResult,
+    encode_documents,
+    file_documents,
+    perplexity,
+    stream_documents,
+)
+from flexigpt.shared.recipe import StreamSection
+from flexigpt.shared.train.components import DTYPES, PRECISION_DTYPE
+from flexigpt.shared.train.data import DataError
+from flexigpt.shared.train.ds_config import resolve_precision
+
+# The safetensors files a base selection needs from a hub snapshot (never the .bin weights).
+_WEIGHT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve_device(recipe: PruneRecipe) -> torch.device:
+    """The device of ``prune.device`` (auto: cuda when available).
+
+    Raises:
+        PruneError: cuda asked for on a machine without a GPU.
+    """
+    want = recipe.prune.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise PruneError("prune.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(want)
+
+
+def resolve_dtype(recipe: PruneRecipe, device: torch.device) -> torch.dtype:
+    """model.dtype, or for ``auto`` the dtype the trainer will train in on this device type."""
+    if recipe.model.dtype != "auto":
+        return DTYPES[recipe.model.dtype]
+    return DTYPES[PRECISION_DTYPE[resolve_precision(recipe.train.precision, device.type)]]
+
+
+class SourceModel:
+    """The source model, loaded on first use and at most once; ``free`` drops it."""
+
+    def __init__(self, recipe: PruneRecipe, device: torch.device, dtype: torch.dtype, log: Callable) -> None:
+        self.recipe, self.device, self.dtype, self.log = recipe, device, dtype, log
+        self._model: PreTrainedModel | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> PreTrainedModel:
+        if self._model is None:
+            m = self.recipe.model
+            self.log(f"loading {m.source} ({str(self.dtype).split('.')[-1]}, {self.device})")
+            self._model = load_model(m.source, dtype=self.dtype, attn_implementation=m.attn_implementation)
+            self._model.to(self.device).eval()
+        return self._model
+
+    def free(self) -> None:
+        self._model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ calibration
+def calibration_stream(recipe: PruneRecipe) -> StreamSection:
+    """``prune.calibration.stream``, or the data section's stream when it is null."""
+    c = recipe.prune.calibration.stream
+    if c is not None:
+        return c
+    return StreamSection(**{k: getattr(recipe.data, k) for k in StreamSection.model_fields})
+
+
+def calibration_tensors(
+    recipe: PruneRecipe, tokenizer: Any, max_positions: int | None
+) -> Iterator[torch.Tensor]:
+    """The calibration samples of the recipe, (1, T) token tensors read lazily from the stream.
+
+    Raises:
+        PruneError: seq_len beyond the model's positions, or add_bos without a BOS token.
+    """
+    c = recipe.prune.calibration
+    if max_positions is not None and c.seq_len > max_positions:
+        raise PruneError(
+            f"prune.calibration.seq_len={c.seq_len} exceeds the model's max_position_embeddings "
+            f"({max_positions}); allowed 2..{max_positions}"
+        )
+    if c.add_bos and tokenizer.bos_token_id is None:
+        raise PruneError("prune.calibration.add_bos=true but the tokenizer has no BOS token; set it to false")
+    texts = stream_documents(calibration_stream(recipe))
+    return calibration_samples(
+        texts,
+        lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+        num_samples=c.num_samples,
+        seq_len=c.seq_len,
+        pack=c.pack,
+        bos_id=tokenizer.bos_token_id if c.add_bos else None,
+    )
+
+
+@contextmanager
+def named_errors(key: str, *, all_value_errors: bool = False) -> Iterator[None]:
+    """Turn a data problem met while reading (missing files, no tokens) into a PruneError naming `key`."""
+    try:
+        yield
+    except PruneError:
+        raise
+    except (DataError, FileNotFoundError) as e:
+        raise PruneError(f"{key}: {e}") from e
+    except ValueError as e:
+        # compute_importance says "samples: ..." when the stream gave nothing usable
+        if all_value_errors or str(e).startswith("samples"):
+            raise PruneError(f"{key}: {e}") from e
+        raise
+
+
+# ------------------------------------------------------------------------------------ importance
+def importance_step(
+    recipe: PruneRecipe,
+    path: Path,
+    source: SourceModel,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    log: Callable,
+) -> ImportanceResult:
+    """Block importance of the source on the calibration stream; reuses ``path`` when it exists."""
+    if path.is_file():
+        result = ImportanceResult.load(path)
+        log(f"importance: reusing {path} ({result.metric}, {result.num_samples} samples)")
+        return result
+    model = source.get()
+    key = "prune.calibration.stream" if recipe.prune.calibration.stream else "prune.calibration (data stream)"
+    with named_errors(key):
+        samples = calibration_tensors(
+            recipe, tokenizer, getattr(model.config, "max_position_embeddings", None)
+        )
+        result = compute_importance(model, samples, recipe.prune.metric, progress=True)
+    result.extra["calibration"] = settings
+    result.save(path)
+    log(
+        f"importance: {result.metric} on {result.num_samples} samples ({result.num_tokens:,} tokens) -> {path}"
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------- selection
+def block_source(recipe: PruneRecipe, source: SourceModel) -> tuple[BlockSource, str]:
+    """Where base selection reads block weights from (``prune.selection.read_from``), and a label.
+
+    Raises:
+        PruneError: ``read_from: safetensors`` and the source has no safetensors files.
+    """
+    mode = recipe.prune.selection.read_from
+    if mode != "model":
+        folder = _weights_dir(recipe.model.source, allow_download=mode == "safetensors" or not source.loaded)
+        if folder is not None:
+            try:
+                return source_from_safetensors(folder), f"safetensors files in {folder}"
+            except FileNotFoundError as e:
+                if mode == "safetensors":
+                    raise PruneError(
+                        f"prune.selection.read_from='safetensors': {e}; use 'auto' or 'model'"
+                    ) from e
+        elif mode == "safetensors":
+            raise PruneError(
+                f"prune.selection.read_from='safetensors': no local files for model.source={recipe.model.source!r}"
+            )
+    return source_from_model(source.get()), "the loaded model"
+
+
+def _weights_dir(source: str, *, allow_download: bool) -> Path | None:
+    if Path(source).is_dir():
+        return Path(source)
+    try:  # a hub id: the snapshot the loaded model came from (or, if not loaded, its weight files)
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(source, allow_patterns=_WEIGHT_PATTERNS, local_files_only=not allow_download)
+        )
+    except Exception:  # noqa: BLE001 (offline, not cached, no such repo: fall back to the model)
+        return None
+
+
+def selection_step(
+    recipe: PruneRecipe,
+    path: Path,
+    source: SourceModel,
+    removed: list[int],
+    device: torch.device,
+    settings: dict[str, Any],
+    log: Callable,
+) -> SelectionResult:
+    """Base selection for the removed blocks (eq. 2-5); reuses ``path`` when it exists.
+
+    Raises:
+        PruneError: the saved selection is for other removed blocks.
+    """
+    if path.is_file():
+        result = SelectionResult.load(path)
+        if sorted(result.removed) != sorted(removed):
+            raise PruneError(f"{path} selects bases for blocks {result.removed}, this run removes {removed}")
+        log(f"selection: reusing {path}")
+        return result
+    blocks, where = block_source(recipe, source)
+    log(f"selection: reading blocks one at a time from {where}")
+    result = choose_bases(
+        blocks, removed, recipe.prune.options(), all_pairs=recipe.prune.selection.all_pairs, device=device
+    )
+    result.extra["settings"] = settings
+    result.save(path)
+    log(f"selection: picks {result.picks} (removed block -> base block) -> {path}")
+    return result
+
+
+# ------------------------------------------------------------------------------------ perplexity
+class StartPerplexity:
+    """Perplexity on the recipe's held-out text (``prune.perplexity`` or ``data.eval``), tokens read once."""
+
+    def __init__(self, recipe: PruneRecipe, tokenizer: Any) -> None:
+        self.recipe, self.tokenizer = recipe, tokenizer
+        self._tokens: torch.Tensor | None = None
+        pc, data = recipe.prune.perplexity, recipe.data
+        if pc is not None:
+            self.settings: dict[str, Any] = {"prune.perplexity": pc.model_dump(mode="json")}
+        else:
+            assert data.eval is not None  # the recipe validator asks for one of the two
+            self.settings = {
+                "data.eval": data.eval.model_dump(mode="json"),
+                "max_tokens": self._eval_tokens(),
+                "context_len": data.seq_len,
+                "add_bos": data.add_bos,
+            }
+
+    def _eval_tokens(self) -> int:
+        r = self.recipe
+        assert r.data.eval is not None
+        return r.data.eval.batches * r.train.micro_batch * r.data.seq_len
+
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            pc, data = self.recipe.prune.perplexity, self.recipe.data
+            if pc is not None:
+                key = "prune.perplexity"
+                docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
+                max_tokens, add_bos = pc.max_tokens, pc.add_bos
+            else:
+                assert data.eval is not None
+                key = "data.eval"
+                docs = stream_documents(
+                    StreamSection(**{k: getattr(data.eval, k) for k in StreamSection.model_fields})
+                )
+                max_tokens, add_bos = self._eval_tokens(), data.add_bos
+            with named_errors(key, all_value_errors=True):
+                self._tokens = encode_documents(docs, self.tokenizer, max_tokens=max_tokens, add_bos=add_bos)
+        return self._tokens
+
+    def measure(
+        self, name: str, get_model: Callable[[], PreTrainedModel], path: Path, log: Callable
+    ) -> PerplexityResult:
+        """Perplexity of the model `get_model` returns (called only when `path` holds no result for these
+        settings); the result is written to `path` with the settings."""
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == self.settings:
+                result = PerplexityResult.from_dict(saved["result"])
+                log(f"start perplexity [{name}]: {result.ppl:.4g} (reusing {path})")
+                return result
+        model = get_model()
+        pc = self.recipe.prune.perplexity
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if pc is not None:
+            context, stride, batch = pc.context_len, pc.stride, pc.batch_size
+        else:
+            context, stride, batch = min(self.recipe.data.seq_len, limit or self.recipe.data.seq_len), None, 1
+        key = "prune.perplexity" if pc is not None else "data.seq_len"
+        tokens = self.tokens()
+        with named_errors(key, all_value_errors=True):
+            result = perplexity(
+                model, tokens, context_len=context, stride=stride, batch_size=batch, desc=f"{name} ppl"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": self.settings, "result": result.to_dict()}, indent=1) + "\n")
+        log(f"start perplexity [{name}]: {result.summary()}")
+        return result

@@ -1,0 +1,9 @@
+"""The shared-block engine: what a shared model is and how it is built, checked, stored and exported.
+
+- ``plan``: the slot plan, pure data (no torch).
+- ``layout``: what the engine knows about each architecture, declared once.
+- ``adapters``: the per-slot modules (low-rank adapters on shared linears, the output feature norm).
+- ``apply``: apply a plan to a source model, verify it, count its parameters, materialise it.
+- ``checkpoint``: the compact checkpoint format, its Auto-class registration, the plain export.
+- ``tiny``: small random models of every supported architecture, for tests and benchmarks.
+"""

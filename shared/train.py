@@ -1,8 +1,0 @@
-"""``python -m flexigpt.shared.train RECIPE.yaml [key=value ...]``: the ``flexigpt-train`` command (see ``cli.py``)."""
-
-import sys
-
-from .cli import main
-
-if __name__ == "__main__":
-    sys.exit(main())

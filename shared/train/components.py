@@ -1,0 +1,233 @@
+"""The pieces the trainer assembles: model, tokenizer, optimizer, schedule, FLOP count, distributed setup."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel
+
+from flexigpt.shared.engine.apply import apply_plan, set_trainable
+from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.recipe import ModelSection, RecipeError, TrainSection
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# Dense peak TFLOP/s of one device in bf16/fp16 (no sparsity), by a substring of its CUDA name.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+}
+
+
+# ----------------------------------------------------------------------------------- distributed
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# The environment of the one-rank group this process started itself (no launcher), or None.
+_SELF_GROUP_ENV: dict[str, str] | None = None
+
+
+@contextmanager
+def launcher_env() -> Iterator[None]:
+    """Inside: the launcher variables of the one-rank group this process started, if it started one.
+
+    DeepSpeed reads ``LOCAL_RANK`` (and friends) from the environment when an engine is built, as
+    a launcher would have set them. They are set only while needed and removed afterwards, so that
+    a subprocess started later (a test, a quickstart step) does not take itself for rank 0 of this
+    process's group and try to bind its port.
+    """
+    added = {}
+    if _SELF_GROUP_ENV is not None and "RANK" not in os.environ:
+        added = _SELF_GROUP_ENV
+        os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def init_distributed(cpu_shm_comm: bool) -> tuple[int, int, int, torch.device]:
+    """Start (or join) the process group: NCCL on GPUs, gloo on CPU. Returns rank, world, local rank, device.
+
+    Under a launcher (torchrun, deepspeed) its environment is used. A single process started
+    without one becomes a one-rank group on a free local port; build DeepSpeed engines inside
+    ``launcher_env()`` then (``train`` does).
+    """
+    global _SELF_GROUP_ENV
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    if not use_cuda and not cpu_shm_comm:
+        # DeepSpeed's comm backend JIT-compiles its shared-memory allreduce (~40 s) the first time a
+        # process group starts on CPU. Marking the op unavailable makes it use plain gloo, which is
+        # what the project's small CPU runs need; `train.cpu_shm_comm: true` keeps the fast path.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            port = os.environ.get("MASTER_PORT") or str(_free_port())
+            _SELF_GROUP_ENV = {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            }
+        with launcher_env():
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ model
+def load_tokenizer(section: ModelSection) -> Any:
+    """The tokenizer of `section` (its own path, else the model source)."""
+    return AutoTokenizer.from_pretrained(section.tokenizer or section.source)
+
+
+def build_model(section: ModelSection, dtype: torch.dtype, *, init_adapters: bool = True) -> PreTrainedModel:
+    """Load `section.source` and make it a shared-block model.
+
+    A compact source already is one. A plain source gets `section.plan` applied, or the identity
+    plan when there is none, so that every trained model carries a plan, saves compactly and
+    materialises the same way.
+
+    Raises:
+        RecipeError: a plan is given for a source that already has one.
+    """
+    model = load_model(section.source, dtype=dtype, attn_implementation=section.attn_implementation)
+    if getattr(model, "plan", None) is not None:
+        if section.plan is not None:
+            raise RecipeError(
+                f"model.plan={section.plan!r}: model.source={section.source!r} is already a shared-block model "
+                "with its own plan; set model.plan to null"
+            )
+        return model
+    plan = (
+        Plan.load(section.plan)
+        if section.plan
+        else Plan.identity(model.config.model_type, model.config.num_hidden_layers)
+    )
+    return apply_plan(model, plan, init_slot_params=init_adapters)
+
+
+def make_trainable(model: PreTrainedModel, rule: str, layers: list[int] | None = None) -> int:
+    """Apply the trainable rule of the recipe, optionally restricted to some slots.
+
+    Args:
+        model: a shared-block model.
+        rule: adapters | adapters+norms | all (see ``engine.set_trainable``, which checks the count).
+        layers: slot indices (``model.layers``) whose parameters may train; None: every slot.
+            Parameters outside the decoder stack (embeddings, final norm, head) are frozen then.
+
+    Returns:
+        The number of trainable parameters.
+
+    Raises:
+        RecipeError: a slot index is out of range, or nothing is left to train.
+    """
+    count = set_trainable(model, rule)
+    if layers is not None:
+        stack = model.get_submodule("model.layers")
+        bad = [i for i in layers if not 0 <= i < len(stack)]
+        if bad:
+            raise RecipeError(
+                f"train.trainable_layers: {bad} out of range; the model has slots 0..{len(stack) - 1}"
+            )
+        keep = {id(p) for i in layers for p in stack[i].parameters()}
+        for p in model.parameters():
+            p.requires_grad_(p.requires_grad and id(p) in keep)
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if count == 0:
+        raise RecipeError(
+            f"train.trainable={rule!r} (train.trainable_layers={layers}) leaves no parameter to train for this "
+            "plan; use 'all', a plan with adapters, or other layers"
+        )
+    return count
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters, every slot counted) + attention (PaLM's count).
+
+    Parameters of a block shared by several slots are counted once per slot, since each slot runs
+    them. Embeddings are lookups and do not count; the LM head does.
+    """
+    cfg = model.config
+    layers = model.get_submodule("model.layers")
+    per_slot = sum(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in layers)
+    head = cfg.vocab_size * cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 12 * len(layers) * cfg.num_attention_heads * head_dim * seq_len
+    return 6.0 * (per_slot + head) + attn
+
+
+def peak_flops(train: TrainSection, device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device for MFU: the recipe's figure, else a known GPU in half precision."""
+    if train.peak_tflops is not None:
+        return train.peak_tflops * 1e12
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+# ------------------------------------------------------------------------------------ optimization
+def build_optimizer(model: nn.Module, train: TrainSection) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on 1-D tensors (norms, biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # each shared Parameter once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warm-up, then cosine to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainSection, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine schedule (stepped by DeepSpeed once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, train.warmup_steps, total_steps, train.min_lr_ratio)
+    )

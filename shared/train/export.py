@@ -1,0 +1,149 @@
+"""Turn a training checkpoint into a model, without starting a training engine.
+
+DeepSpeed's ``zero_to_fp32`` reassembles the full fp32 weights from the ZeRO partitions of every
+rank (any stage, any world size). The model skeleton is rebuilt from the checkpoint's own
+``recipe.yaml`` (its ``model`` section) and ``plan.json``, the weights are loaded into it, and the
+result is written in the compact format and, on request, materialised as a plain HF model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from transformers import PreTrainedModel
+
+from flexigpt.shared.engine.apply import apply_plan
+from flexigpt.shared.engine.checkpoint import export_materialized, save_compact
+from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.recipe import ModelSection
+from flexigpt.shared.train.components import DTYPES, load_tokenizer
+from flexigpt.shared.train.state import list_checkpoints
+
+
+class ExportError(RuntimeError):
+    """A checkpoint cannot be exported (missing files, weights that do not match the model)."""
+
+
+def consolidated_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint directory (``.../checkpoints/step_N``), from every rank's partition."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    d = Path(ckpt_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
+    # ZeRO-1 records no frozen parameters beside the optimizer partitions; their values (never
+    # trained, so exact in the training dtype) are in the module state that stages 1-2 save whole.
+    model_states = sorted(d.glob("*model_states.pt"))
+    if model_states:
+        module = (
+            torch.load(model_states[0], map_location="cpu", weights_only=True, mmap=True).get("module") or {}
+        )
+        for name, value in module.items():
+            if name not in state and value.numel() > 0:
+                state[name] = value.float()
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> list[str]:
+    """Copy `state` into `model` by name; names of shared (aliased) Parameters may appear under any alias.
+
+    Args:
+        model: the model to fill.
+        state: name -> tensor (fp32 from ``consolidated_state_dict``).
+        strict: raise if a parameter of the model gets no value or a tensor matches no parameter
+            (by name and shape); otherwise such tensors are skipped.
+
+    Returns:
+        Parameter names that got no value (empty when strict).
+
+    Raises:
+        ExportError: with strict, the names (or shapes) that do not match.
+    """
+    # Every alias of a Parameter maps to the one object, so a value under any alias fills all of them.
+    params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    filled: set[int] = set()
+    unexpected = []
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in buffers and tuple(buffers[name].shape) == tuple(value.shape):
+                buffers[name].copy_(value.to(buffers[name].dtype))
+                continue
+            p = params.get(name)
+            if p is None:
+                unexpected.append(name)
+                continue
+            if tuple(p.shape) != tuple(value.shape):
+                if strict:
+                    raise ExportError(
+                        f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(p.shape)}"
+                    )
+                unexpected.append(name)
+                continue
+            p.copy_(value.to(p.dtype))
+            filled.add(id(p))
+    missing = sorted({n for n, p in params.items() if id(p) not in filled})
+    if strict and (missing or unexpected):
+        raise ExportError(
+            f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    return missing
+
+
+def model_from_checkpoint(ckpt_dir: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, Any]:
+    """Rebuild the trained model of a checkpoint (and its tokenizer) on CPU, without DeepSpeed's engine.
+
+    Args:
+        ckpt_dir: a checkpoint directory ``.../checkpoints/step_N`` or a ``checkpoints`` directory
+            (its newest checkpoint is used).
+        dtype: float32 | bfloat16 | float16 for the rebuilt model.
+
+    Raises:
+        ExportError: no checkpoint, or its weights do not fit the model its recipe and plan describe.
+    """
+    d = Path(ckpt_dir)
+    if not (d / "recipe.yaml").is_file():
+        found = list_checkpoints(d)
+        if not found:
+            raise ExportError(f"{d} is neither a checkpoint directory nor a directory of checkpoints")
+        d = found[0]
+    raw = yaml.safe_load((d / "recipe.yaml").read_text())
+    section = ModelSection.model_validate(raw["model"])
+    from flexigpt.shared.engine.checkpoint import load_model
+
+    # Every tensor is overwritten below; adapters need no initialisation.
+    model = load_model(section.source, dtype=DTYPES[dtype], attn_implementation=section.attn_implementation)
+    plan = Plan.load(d / "plan.json")
+    if getattr(model, "plan", None) is None:
+        model = apply_plan(model, plan, init_slot_params=False)
+    elif model.plan.to_dict() != plan.to_dict():
+        raise ExportError(f"{d}/plan.json differs from the plan of the compact source {section.source}")
+    load_weights(model, consolidated_state_dict(d))
+    return model.eval(), load_tokenizer(section)
+
+
+def export_checkpoint(
+    ckpt_dir: str | Path, out_dir: str | Path, *, materialize: bool = False, dtype: str = "float32"
+) -> list[Path]:
+    """Write the model of a checkpoint in the compact format (and materialised, on request).
+
+    Args:
+        ckpt_dir: a checkpoint directory or a ``checkpoints`` directory (newest used).
+        out_dir: target of the compact model; the materialised one goes to ``<out_dir>_materialized``.
+        materialize: also write a plain HF model (adapters merged into private weight copies).
+        dtype: float32 | bfloat16 | float16.
+
+    Returns:
+        The directories written.
+    """
+    model, tokenizer = model_from_checkpoint(ckpt_dir, dtype=dtype)
+    out = Path(out_dir)
+    written = [save_compact(model, out, tokenizer=tokenizer)]
+    if materialize:
+        written.append(
+            export_materialized(model, out.with_name(out.name + "_materialized"), tokenizer=tokenizer)
+        )
+    return written

@@ -1,0 +1,477 @@
+"""DeepSpeed ZeRO continued pre-training of a (shared-block) model on a packed token stream.
+
+``train(recipe)`` runs on every rank (launched by ``torchrun`` / ``deepspeed``, or as one plain
+process). It builds the model and its trainable set from the recipe (or takes the model a grow or
+prune command built), wraps it with ``deepspeed.initialize`` around a ``torch.optim.AdamW`` and a
+warm-up + cosine schedule, and trains on ``PackedLoader`` micro-batches. Shared blocks are the
+same Parameter objects in several slots, so autograd sums the gradients of every slot into one
+``.grad`` before DeepSpeed reduces (ZeRO-1/2) or partitions (ZeRO-3) it.
+
+Every `checkpoint_every` steps, at the end, and on SIGTERM / SIGINT the full state is written
+(``train_state``); started again with the same recipe, the run continues from the newest valid
+checkpoint and ends with the same weights as an uninterrupted run. TensorBoard scalars go to
+``<output_dir>/tb``; a tqdm bar shows progress on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from flexigpt.shared.recipe import BaseRecipe, RecipeError
+from flexigpt.shared.train.components import (
+    DTYPES,
+    PRECISION_DTYPE,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    flops_per_token,
+    init_distributed,
+    launcher_env,
+    load_tokenizer,
+    lr_factor,
+    make_trainable,
+    peak_flops,
+)
+from flexigpt.shared.train.data import PackedLoader, eval_batches, fingerprint
+from flexigpt.shared.train.ds_config import (
+    BATCH_KEYS,
+    build_ds_config,
+    load_ds_config,
+    resolve_precision,
+    zero_stage,
+)
+from flexigpt.shared.train.export import consolidated_state_dict, export_checkpoint, load_weights
+from flexigpt.shared.train.state import (
+    CheckpointInfo,
+    ResumeError,
+    clean_partial,
+    list_checkpoints,
+    load_engine_state,
+    load_rank_state,
+    pick_checkpoint,
+    save_checkpoint,
+)
+
+
+@dataclass
+class TrainResult:
+    """What a call of ``train`` did."""
+
+    output_dir: Path
+    step: int
+    tokens_seen: int
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    checkpoint: Path | None = None
+    exported: list[Path] = field(default_factory=list)
+    interrupted_by: int | None = None
+    """The signal number that stopped the run early (after its checkpoint was written), else None."""
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag checked at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *_: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resume_mode(
+    info: CheckpointInfo, world: int, plan_json: str, stage: int, allow_plan: bool, allow_world: bool
+) -> str:
+    """``full`` (engine state loads as is) or ``weights`` (consolidated weights only); raise if refused."""
+    problems = []
+    if info.world_size != world:
+        if not allow_world:
+            raise ResumeError(
+                f"{info.path} was written by {info.world_size} ranks, this run has {world}; ZeRO partitions and "
+                "stream positions are per rank. Pass --allow-world-size-change to continue from its weights "
+                "(fresh optimizer state and data streams), or run with the same world size"
+            )
+        problems.append("world size")
+    if info.plan_json is not None and json.loads(info.plan_json) != json.loads(plan_json):
+        if not allow_plan:
+            raise ResumeError(
+                f"{info.path} was trained with another plan than this run's; pass --allow-plan-change to load the "
+                "weights whose names match (fresh optimizer state), or use the plan of the checkpoint"
+            )
+        problems.append("plan")
+    if info.zero_stage != stage:
+        warnings.warn(
+            f"{info.path} was written with ZeRO-{info.zero_stage}, this run uses ZeRO-{stage}: "
+            "continuing from its weights with a fresh optimizer state",
+            stacklevel=2,
+        )
+        problems.append("zero stage")
+    return "weights" if problems else "full"
+
+
+def train(
+    recipe: BaseRecipe,
+    *,
+    model: PreTrainedModel | None = None,
+    resume: str = "auto",
+    allow_plan_change: bool = False,
+    allow_world_size_change: bool = False,
+) -> TrainResult:
+    """Train `recipe` on every rank; resume, checkpoint, log, and export the final model.
+
+    Args:
+        recipe: any recipe kind (its ``model``, ``data``, ``train`` and ``output_dir`` are used).
+        model: a ready shared-block model (from a grow / prune command); None builds it from the recipe.
+            It must be built the same way on every rank and in every restart.
+        resume: ``auto`` (newest valid checkpoint under ``output_dir/checkpoints`` if any), ``never``
+            (refuse if checkpoints exist), or the path of one checkpoint directory.
+        allow_plan_change: resume from a checkpoint of another plan (weights whose names match).
+        allow_world_size_change: resume from a checkpoint of another world size (weights only).
+
+    Returns:
+        A TrainResult; ``interrupted_by`` is set when a signal stopped the run after checkpointing.
+
+    Raises:
+        RecipeError: batch arithmetic, precision or trainable set do not fit this machine / model.
+        ResumeError: the checkpoint cannot be resumed into this run without an explicit allowance.
+    """
+    rank, world, _, device = init_distributed(recipe.train.cpu_shm_comm)
+    with launcher_env():  # DeepSpeed reads LOCAL_RANK when it builds the engine
+        return _train(recipe, model, resume, allow_plan_change, allow_world_size_change, rank, world, device)
+
+
+def _train(
+    recipe: BaseRecipe,
+    model: PreTrainedModel | None,
+    resume: str,
+    allow_plan_change: bool,
+    allow_world_size_change: bool,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> TrainResult:
+    t = recipe.train
+    precision = resolve_precision(t.precision, device.type)
+    ds_cfg = build_ds_config(
+        load_ds_config(t.ds_config), t, world_size=world, precision=precision, where=t.ds_config
+    )
+    micro, accum, global_batch = (ds_cfg[k] for k in BATCH_KEYS)
+    stage, seq_len = zero_stage(ds_cfg), recipe.data.seq_len
+    total_steps = t.resolve_steps(global_batch, seq_len)
+    out, ckpt_root = Path(recipe.output_dir), Path(recipe.output_dir) / "checkpoints"
+
+    _seed(t.seed)  # identical on every rank: the model (and its adapter init) must be too
+    tokenizer = load_tokenizer(recipe.model)
+    dtype = DTYPES[PRECISION_DTYPE[precision] if recipe.model.dtype == "auto" else recipe.model.dtype]
+    if model is None:
+        model = build_model(recipe.model, dtype)
+    if getattr(model, "plan", None) is None:
+        raise RecipeError(
+            "train(model=...): the model has no plan; build it with flexigpt.shared.engine.apply.apply_plan"
+        )
+    if "materialized" in t.export and any(s.out_norm for s in model.plan.slots):
+        raise RecipeError(
+            "train.export: the plan has output norms, which a materialised plain model cannot hold; use 'compact'"
+        )
+    model.config.use_cache = False
+    n_trainable = make_trainable(model, t.trainable, t.trainable_layers)
+    plan_json = model.plan.to_json()
+    fpt = flops_per_token(model, seq_len)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- which checkpoint, if any, and how much of it carries over ------------------------------
+    clean_partial(ckpt_root)
+    if resume == "never":
+        if list_checkpoints(ckpt_root):
+            raise ResumeError(
+                f"--resume never, but {ckpt_root} holds checkpoints; use another output_dir or --resume auto"
+            )
+        candidates: list[CheckpointInfo] = []
+    else:
+        explicit = None if resume == "auto" else resume
+        candidates = pick_checkpoint(ckpt_root, t.checkpoint_checksums, explicit=explicit)
+    modes = [
+        _resume_mode(c, world, plan_json, stage, allow_plan_change, allow_world_size_change)
+        for c in candidates[:1]
+    ]
+    chosen = candidates[0] if candidates else None
+    if chosen is not None and modes[0] == "weights":
+        missing = load_weights(model, consolidated_state_dict(chosen.path), strict=not allow_plan_change)
+        if missing and rank == 0:
+            print(
+                f"resume from {chosen.path} (weights only): {len(missing)} parameters keep their initial values"
+            )
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        recipe.save(out / "recipe.yaml")
+        (out / "plan.json").write_text(plan_json + "\n")
+    import deepspeed
+
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
+    )
+    if chosen is not None and modes[0] == "full":
+        while chosen is not None and not load_engine_state(engine, chosen):
+            candidates = candidates[1:]
+            chosen = candidates[0] if candidates else None
+            if chosen is not None and _resume_mode(chosen, world, plan_json, stage, False, False) != "full":
+                raise ResumeError(
+                    f"the newest loadable checkpoint {chosen.path} needs a weights-only resume; start that explicitly"
+                )
+
+    loader = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=micro)
+    step = tokens_seen = 0
+    if chosen is None:
+        _seed(t.seed + rank)
+    else:
+        step, tokens_seen = chosen.step, chosen.tokens_seen
+        if modes[0] == "weights":
+            scheduler.last_epoch = step
+            for g, base in zip(engine.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                g["lr"] = base * lr_factor(step, t.warmup_steps, total_steps, t.min_lr_ratio)
+        if chosen.world_size == world:
+            loader.load_state_dict(load_rank_state(chosen.path, rank))  # restores the RNG states too
+        else:
+            _seed(t.seed + rank + step)
+            warnings.warn(
+                "world size changed: the data streams start again from their beginning", stacklevel=2
+            )
+        if rank == 0:
+            print(f"resumed from {chosen.path} at step {step} ({tokens_seen} tokens seen)")
+    evals = (
+        eval_batches(
+            recipe.data.eval,
+            tokenizer,
+            seq_len=seq_len,
+            rank=rank,
+            world_size=world,
+            micro_batch=micro,
+            add_bos=recipe.data.add_bos,
+        )
+        if recipe.data.eval is not None
+        else []
+    )
+    loop = _Loop(
+        recipe,
+        engine,
+        loader,
+        evals,
+        rank=rank,
+        world=world,
+        device=device,
+        plan_json=plan_json,
+        stage=stage,
+        total_steps=total_steps,
+        accum=accum,
+        global_batch=global_batch,
+        flops_per_token=fpt,
+        peak=peak_flops(t, device, precision),
+        n_trainable=n_trainable,
+    )
+    try:
+        # a checkpoint loaded whole already holds this step; one loaded as weights only does not
+        have = chosen.path if chosen is not None and modes[0] == "full" else None
+        result = loop.run(step, tokens_seen, have)
+    finally:
+        loader.close()
+        loop.close()
+    if result.interrupted_by is None and t.export != "none" and result.checkpoint is not None:
+        if rank == 0:
+            result.exported = export_checkpoint(
+                result.checkpoint,
+                out / "final",
+                materialize=t.export == "compact+materialized",
+                dtype=str(dtype).split(".")[-1],
+            )
+        dist.barrier()
+    return result
+
+
+class _Loop:
+    """The step loop with its logging, evaluation and checkpointing (state kept between steps)."""
+
+    def __init__(
+        self, recipe: BaseRecipe, engine: Any, loader: PackedLoader, evals: list[torch.Tensor], **kw: Any
+    ) -> None:
+        self.recipe, self.t, self.engine, self.loader, self.evals = (
+            recipe,
+            recipe.train,
+            engine,
+            loader,
+            evals,
+        )
+        for k, v in kw.items():
+            setattr(self, k, v)
+        self.out = Path(recipe.output_dir)
+        self.writer = None
+        self.trace = None
+        if recipe.data.trace:
+            self.trace = open(self.out / f"data_trace.rank{self.rank}.jsonl", "a")  # noqa: SIM115 (closed in close())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.trace is not None:
+            self.trace.close()
+
+    def run(self, step: int, tokens_seen: int, checkpoint: Path | None = None) -> TrainResult:
+        """Train from `step` to the end; `checkpoint` is the complete checkpoint of `step`, if any."""
+        t, engine = self.t, self.engine
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops the scalars a killed run logged after its last checkpoint (step
+            # `step` itself was logged before that checkpoint and stays)
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=step + 1 if step else None)
+            print(
+                f"training {self.n_trainable:,} parameters, steps {step} -> {self.total_steps}, "
+                f"global batch {self.global_batch} x {self.recipe.data.seq_len} tokens, world size {self.world}"
+            )
+        result = TrainResult(self.out, step, tokens_seen)
+        bar = tqdm(
+            total=self.total_steps, initial=step, disable=self.rank != 0, desc="train", dynamic_ncols=True
+        )
+        window_t, window_tokens = time.perf_counter(), 0
+        saved_at = step if checkpoint is not None else None
+        result.checkpoint = checkpoint
+        engine.train()
+        with _StopRequest() as stop:
+            while step < self.total_steps:
+                flags = self.train_step(step + 1, stop)
+                step += 1
+                tokens_seen += self.global_batch * self.recipe.data.seq_len
+                window_tokens += self.global_batch * self.recipe.data.seq_len
+                result.last_loss = float(flags[0]) / self.world
+                stopping = bool(flags[1] > 0)
+                bar.update(1)
+                if step % t.log_every == 0 or step == self.total_steps:
+                    dt = time.perf_counter() - window_t
+                    self._log(step, tokens_seen, result.last_loss, window_tokens / max(dt, 1e-9), bar)
+                    window_t, window_tokens = time.perf_counter(), 0
+                if self.evals and t.eval_every and step % t.eval_every == 0:
+                    result.eval_loss = self._evaluate(step)
+                if step % t.checkpoint_every == 0 or step == self.total_steps or stopping:
+                    result.checkpoint = self._save(step, tokens_seen)
+                    saved_at = step
+                if stopping:
+                    result.interrupted_by = stop.signum or signal.SIGTERM
+                    break
+        bar.close()
+        if result.interrupted_by is None and self.evals and not (t.eval_every and step % t.eval_every == 0):
+            result.eval_loss = self._evaluate(step)
+        if saved_at != step and step > 0 and result.interrupted_by is None:
+            result.checkpoint = self._save(step, tokens_seen)
+        result.step, result.tokens_seen = step, tokens_seen
+        return result
+
+    def train_step(self, step: int, stop: _StopRequest | None = None) -> torch.Tensor:
+        """One optimizer step (`accum` micro-batches) numbered `step`; `stop` is read after the step.
+
+        Returns:
+            [sum over ranks of the mean micro-batch loss, number of ranks that got a stop signal],
+            from the step's one collective.
+        """
+        engine = self.engine
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m in range(self.accum):
+            batch = self.loader.next_batch()
+            if self.trace is not None:
+                self.trace.write(json.dumps({"step": step, "micro": m, "seqs": fingerprint(batch)}) + "\n")
+                self.trace.flush()
+            batch = batch.to(self.device)
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+        # one collective per step: mean loss over ranks and whether any rank got a signal
+        signalled = stop is not None and stop.signum is not None
+        flags = torch.tensor([loss_sum.item() / self.accum, 1.0 if signalled else 0.0], dtype=torch.float64)
+        return self._all_reduce(flags)
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            x = x.to(self.device)
+        dist.all_reduce(x)
+        return x.cpu()
+
+    def _log(self, step: int, tokens_seen: int, loss: float, tok_s: float, bar: Any) -> None:
+        lr = self.engine.get_lr()[0]
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else float("nan")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if self.writer is None:
+            return
+        w = self.writer
+        w.add_scalar("train/loss", loss, step)
+        w.add_scalar("train/lr", lr, step)
+        w.add_scalar("train/grad_norm", gn, step)
+        w.add_scalar("train/tokens_seen", tokens_seen, step)
+        w.add_scalar("perf/tokens_per_s", tok_s, step)
+        if self.peak:
+            w.add_scalar("perf/mfu", tok_s * self.flops_per_token / (self.world * self.peak), step)
+        w.flush()
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> float:
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in self.evals:
+            batch = batch.to(self.device)
+            total[0] += float(self.engine(input_ids=batch, labels=batch).loss)
+            total[1] += 1
+        self.engine.train()
+        total = self._all_reduce(total)
+        loss = float(total[0] / total[1])
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", loss, step)
+            self.writer.add_scalar("eval/ppl", float(np.exp(min(loss, 50.0))), step)
+            self.writer.flush()
+        if self.rank == 0:
+            tqdm.write(f"step {step}: eval loss {loss:.4f} (ppl {np.exp(min(loss, 50.0)):.2f})")
+        return loss
+
+    def _save(self, step: int, tokens_seen: int) -> Path:
+        return save_checkpoint(
+            self.engine,
+            self.out / "checkpoints",
+            step=step,
+            tokens_seen=tokens_seen,
+            loader_state=self.loader.state_dict(),
+            recipe_yaml=self.recipe.to_yaml(),
+            plan_json=self.plan_json,
+            zero_stage=self.stage,
+            keep_last=self.t.keep_last,
+            checksums=self.t.checkpoint_checksums,
+        )
