@@ -1,7 +1,7 @@
 """Cost of weight sharing: shared-block model vs dense model of the same depth, and vs its export.
 
 Two ratios, each measured side by side in one run (interleaved A B A B after warm-up; median and
-min-max of per-pair ratios, as ../shared/BENCHMARKING.md asks):
+min-max of per-pair ratios, as benchmarks/README.md asks):
 
 1. training step (forward + backward, every parameter trainable on both sides) of a shared model
    (``--slots`` slots over ``--blocks`` physical blocks, rank-``--rank`` adapters on all seven

@@ -12,7 +12,7 @@ The claim checked: the step never holds two copies of the model. The printed rat
 (peak RSS - RSS before the model is loaded) / size of the model's weights; two copies would make it
 at least 2. Memory is whole-process resident memory (``/proc/self/status``; ``ru_maxrss`` agrees).
 
-Needs ``../shared/data`` (the LLaMA-2 tokenizer and WikiText-2); run:
+Needs ``shared/data`` beside the checkout (LLaMA-2 tokenizer, WikiText-2; benchmarks/README.md); run:
 ``python benchmarks/bench_prune_memory.py [--layers 16] [--hidden 1024]``.
 """
 

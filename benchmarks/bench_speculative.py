@@ -2,7 +2,7 @@
 
 For each setting below, one run measures, interleaved with plain ``model.generate(do_sample=False)``
 (A B A B ... after a warm-up of each, the same prompt, thread count and dtype, as
-../shared/BENCHMARKING.md asks): tokens/s of ``speculative_generate`` over tokens/s of ``generate``
+benchmarks/README.md asks): tokens/s of ``speculative_generate`` over tokens/s of ``generate``
 (median and min-max of the per-pair ratios), the acceptance rate and tokens per full-model forward.
 Every speculative output is checked to be the very tokens ``generate`` produced.
 

@@ -1,7 +1,7 @@
 """The ``grow`` recipe: the shared sections plus a ``grow:`` section (kind ``grow``).
 
 Every option of the ``grow:`` section is documented where it is declared; where the paper is silent
-(``../shared/reference/flexigpt-method.md`` section 6, item 10) the description says which reading
+(``docs/method.md`` section 6, ambiguity 10) the description says which reading
 the default is. ``describe_recipe(GrowRecipe)`` prints them all; ``docs/growing.md`` explains them.
 """
 
@@ -37,7 +37,7 @@ class GrowAdapterSection(Section):
     init: Literal["zero", "lora"] = Field(
         "lora",
         description="lora: B = 0, A Kaiming-random (standard LoRA; the copy starts as its source block and "
-        "the adapter trains from step one; the method notes' reading, since SVD init has no target when "
+        "the adapter trains from step one; the reading of ambiguity 10, since SVD init has no target when "
         "growing). zero: A = B = 0; both factors then get zero gradients and stay zero, so the copy keeps "
         "exactly its block's weights (for exact-copy checks, or to train only the norms).",
     )

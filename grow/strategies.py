@@ -1,8 +1,8 @@
 """Expansion strategies: where the new depth positions go and what they start as. Pure data.
 
 Growing a model of ``L`` blocks picks a *span* of source blocks (``start..end`` inclusive, every
-``stride``-th block) and adds ``repeat`` copies of each block of the span. Two orders exist (paper
-section 3.5):
+``stride``-th block) and adds ``repeat`` copies of each block of the span. Two orders exist (the paper's
+§3.5; docs/method.md, section 2):
 
 - **block**: each block of the span is followed by its copies (3, 3', 4, 4', ...);
 - **sequential**: the whole span is repeated as a unit after its last block (3..k, 3'..k').

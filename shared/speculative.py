@@ -1,6 +1,6 @@
 """Self-speculative decoding: draft with the model minus its reusing slots, verify with the full model.
 
-FlexiGPT section 4.2: a shared-block model contains a cheaper model of itself. Skip the slots that
+FlexiGPT §4.2 (docs/method.md): a shared-block model contains a cheaper model of itself. Skip the slots that
 re-run a block another slot already runs (grown models) or that replace a removed block (pruned
 models) and what is left is the original (or ShortGPT-pruned) network, with the same weights and
 no extra parameters. That network drafts ``draft_len`` tokens one at a time; the full model scores

@@ -1,7 +1,7 @@
 """The ``prune`` recipe: the shared sections plus a ``prune:`` section (kind ``prune``).
 
 Every option is documented where it is declared. Where the paper is silent
-(``../shared/reference/flexigpt-method.md`` section 6) the description names the ambiguity and the
+(``docs/method.md`` section 6) the description names the ambiguity and the
 reading the default takes; ``describe_recipe(PruneRecipe)`` prints them all and
 ``docs/pruning.md`` explains them.
 """
@@ -129,7 +129,7 @@ class ReplaceSection(Section):
     )
     gamma_candidates: list[float] = Field(
         default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-        description="Values tried by gamma: calibrate (the method notes suggest sweeping 1e-3..1e-1).",
+        description="Values tried by gamma: calibrate (ambiguity 7's reading: sweep 1e-3..1e-1).",
     )
     gamma_rule: Literal["largest_below", "closest"] = Field(
         "largest_below",

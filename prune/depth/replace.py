@@ -58,7 +58,7 @@ class ReplacementOptions:
     """Output norm epsilon (not given by the paper)."""
     own_norms: bool = False
     """Replacement slots get private copies of the base block's input / post-attention norms
-    (False: they share the base block's norm weights, the reading of the method notes)."""
+    (False: they share the base block's norm weights, ambiguity 15's reading)."""
     low_rank_metric: bool = True
     """Ablation switch. On: bases chosen by the low-rank metric (eq. 2). Off: plain Frobenius distance."""
     metric_rank: int = 256

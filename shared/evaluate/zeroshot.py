@@ -1,7 +1,7 @@
 """Zero-shot multiple-choice tasks through lm-evaluation-harness, scored as the paper scores them.
 
 The paper reports ARC-e, ARC-c, PIQA, WinoGrande and HellaSwag plus their mean. It does not say
-which lm-eval metric each column is; the reading in the method notes (section 6, item 14), which
+which lm-eval metric each column is; the reading in docs/method.md (section 6, ambiguity 14), which
 matches its unpruned LLaMA numbers, is ``acc_norm`` (length-normalised log-likelihood) for ARC-e,
 ARC-c, PIQA and HellaSwag, and ``acc`` for WinoGrande (whose choices are whole sentences of equal
 length, so lm-eval reports only ``acc``). ``PAPER_TASKS`` holds that reading; any other task and
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# task -> metric, as the paper's tables read (method notes, section 6 item 14).
+# task -> metric, as the paper's tables read (docs/method.md, section 6, ambiguity 14).
 PAPER_TASKS: dict[str, str] = {
     "arc_easy": "acc_norm",
     "arc_challenge": "acc_norm",
