@@ -58,8 +58,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from flexigpt.shared.engine.apply import SOURCE_CLASSES
+from flexigpt.shared.engine.apply import SOURCE_CLASSES, stack_config
 from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.parts import skeleton
 from flexigpt.shared.engine.plan import Plan
 
 
@@ -160,28 +161,17 @@ def make_draft(
         )
     if len(slots) == plan.num_slots:
         raise ValueError("slots: the draft must skip at least one slot (it names every slot)")
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(slots)
+    # Layer i of the view is slot slots[i] of the model: the stack config of those layers.
+    config = stack_config(model.config, slots, layout)
     # The view must never build a cache of its own: a DynamicCache sized for the view has no entry
     # at the slots' layer_idx. Callers pass ``Draft.new_cache()`` (and use_cache=True) instead.
     config.use_cache = False
-    for name in layout.per_layer_config:
-        values = getattr(model.config, name, None)
-        if values is not None:
-            setattr(config, name, [values[i] for i in slots])
-    # Built on the meta device (no allocation), then every module is replaced by the full model's.
-    with torch.device("meta"):
-        view = SOURCE_CLASSES[layout.model_type](config)
-    for path in layout.top_modules:
-        view.set_submodule(path, model.get_submodule(path))
-    view.set_submodule(layout.layers_path, nn.ModuleList([layers[i] for i in slots]))
+    # Built on the meta device (no allocation), then every module is the full model's own.
+    view = skeleton(
+        SOURCE_CLASSES[layout.model_type], config, top=model, layers=nn.ModuleList([layers[i] for i in slots])
+    )
     view.generation_config = copy.deepcopy(model.generation_config)
     view.train(model.training)
-    leftover = [n for n, t in [*view.named_parameters(), *view.named_buffers()] if t.device.type == "meta"]
-    if leftover:
-        raise RuntimeError(
-            f"make_draft: {leftover[:3]} were not taken from the full model (layout incomplete)"
-        )
     return Draft(view, slots)
 
 

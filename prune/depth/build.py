@@ -26,6 +26,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from flexigpt.shared.engine.apply import SOURCE_CLASSES, apply_plan, expected_trainable, stored_param_count
 from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.parts import skeleton
 from flexigpt.shared.engine.plan import Plan
 
 
@@ -81,15 +82,14 @@ def plain_model(model: PreTrainedModel) -> PreTrainedModel:
             "use flexigpt.shared.engine.checkpoint.export_materialized"
         )
     layout = get_layout(model.config)
-    with torch.device("meta"):
-        plain = SOURCE_CLASSES[layout.model_type](copy.deepcopy(model.config))
     # The slots already are plain decoder layers with layer_idx 0..n-1 and the config already says
     # n layers (apply_plan did both), so moving the modules over is the whole conversion.
-    for path in (*layout.top_modules, layout.layers_path):
-        plain.set_submodule(path, model.get_submodule(path))
-    meta = [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.device.type == "meta"]
-    if meta:
-        raise PruneError(f"plain model: tensors {meta[:5]} were not carried over from the shared model")
+    plain = skeleton(
+        SOURCE_CLASSES[layout.model_type],
+        copy.deepcopy(model.config),
+        top=model,
+        layers=model.get_submodule(layout.layers_path),
+    )
     plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.train(model.training)
 

@@ -6,7 +6,8 @@ Three metrics are registered by name in ``IMPORTANCE_METRICS``; recipes refer to
   one minus the mean per-token cosine similarity between a block's input and its output.
 - ``angular_distance`` (Gromov et al. 2024, for one block): ``E_{X,t} arccos(cos(...)) / pi``.
   Same ranking signal as BI but on an angle, so scores add up more evenly across blocks.
-- ``ppl_drop``: the perplexity of the model with block i skipped, minus the full model's.
+- ``ppl_drop``: the perplexity of the model with block i skipped, minus the full model's (both
+  measured by ``evaluate.perplexity.sample_perplexity``, the package's one perplexity).
 
 For every metric a higher score means a more important block; pruning removes the lowest.
 
@@ -34,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.evaluate.perplexity import sample_perplexity, token_rows
 
 # One metric: (model, decoder layers, calibration samples, progress flag) -> (per-block scores, extras).
 MetricFn = Callable[
@@ -211,27 +213,19 @@ def _angular_distance(
 
 @register_importance("ppl_drop", "perplexity with the block skipped minus the full model's")
 def _ppl_drop(model: nn.Module, layers: nn.ModuleList, samples: Iterable[torch.Tensor], progress: bool):
-    n = len(layers)
-    nll = torch.zeros(n + 1, dtype=torch.float64)  # index n: the full model
-    count = 0
-    for ids in tqdm(samples, desc="ppl_drop", unit="sample", disable=not progress):
-        nll[n] += _sum_nll(model, ids)
-        for i, layer in enumerate(layers):
-            # Skipping a block = its output is its input; a hook does it for any architecture.
-            handle = layer.register_forward_hook(_skip_hook, with_kwargs=True)
-            try:
-                nll[i] += _sum_nll(model, ids)
-            finally:
-                handle.remove()
-        count += ids.shape[0] * (ids.shape[1] - 1)
-    if count == 0:
+    seqs = list(samples)  # read (and counted) once, scored once per block and once in full
+    if not any(ids.shape[-1] >= 2 for ids in seqs):
         raise ValueError("samples: ppl_drop needs sequences of at least 2 tokens")
-    ppl = torch.exp(nll / count)
-    base = float(ppl[n])
-    return [float(p) - base for p in ppl[:n]], {
-        "ppl_full": base,
-        "ppl_without_block": [float(p) for p in ppl[:n]],
-    }
+    base = sample_perplexity(model, seqs).ppl
+    without = []
+    for layer in tqdm(layers, desc="ppl_drop", unit="block", disable=not progress):
+        # Skipping a block = its output is its input; a hook does it for any architecture.
+        handle = layer.register_forward_hook(_skip_hook, with_kwargs=True)
+        try:
+            without.append(sample_perplexity(model, seqs).ppl)
+        finally:
+            handle.remove()
+    return [p - base for p in without], {"ppl_full": base, "ppl_without_block": without}
 
 
 def _hooked_token_mean(
@@ -276,40 +270,6 @@ def _hooked_token_mean(
     return [float(s) / max(count, 1) for s in sums]
 
 
-def perplexity(model: nn.Module, samples: Iterable[torch.Tensor], *, progress: bool = False) -> float:
-    """Token-level perplexity of `model` on calibration samples (next-token loss, no padding).
-
-    Args:
-        model: a CausalLM returning ``.logits``.
-        samples: token ids, each of shape (T,) or (B, T) with T >= 2.
-        progress: show a tqdm bar.
-
-    Returns:
-        exp(mean next-token negative log-likelihood) over all predicted tokens.
-
-    Raises:
-        ValueError: the samples hold no token to predict.
-    """
-    nll, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for ids in tqdm(
-                _CountingSamples(samples, _model_device(model)),
-                desc="perplexity",
-                unit="sample",
-                disable=not progress,
-            ):
-                nll += _sum_nll(model, ids)
-                count += ids.shape[0] * (ids.shape[1] - 1)
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("samples: perplexity needs sequences of at least 2 tokens")
-    return math.exp(nll / count)
-
-
 def _hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
     # transformers passes the hidden states positionally; accept the keyword form too.
     return args[0] if args else kwargs["hidden_states"]
@@ -320,16 +280,6 @@ def _skip_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     if isinstance(output, tuple):
         return (hidden, *output[1:])
     return hidden
-
-
-def _sum_nll(model: nn.Module, ids: torch.Tensor) -> float:
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    target = ids[:, 1:]
-    return float(
-        torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-        )
-    )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -347,16 +297,7 @@ class _CountingSamples:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for k, ids in enumerate(self._samples):
-            if (
-                not isinstance(ids, torch.Tensor)
-                or ids.dtype not in (torch.int64, torch.int32)
-                or ids.dim() not in (1, 2)
-            ):
-                raise ValueError(
-                    f"samples[{k}]: expected an integer token-id tensor of shape (T,) or (B, T), got "
-                    f"{type(ids).__name__} {getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}"
-                )
-            ids = ids.long().reshape(-1, ids.shape[-1]).to(self._device)
+            ids = token_rows(ids, k).to(self._device)
             self.num_samples += 1
             self.num_tokens += ids.numel()
             yield ids

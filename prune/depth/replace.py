@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexigpt.prune.depth.importance import perplexity
 from flexigpt.prune.depth.selection import COMBINES, SVDS, BlockSource, SelectionResult, select_bases
 from flexigpt.shared.engine.adapters import OutputNorm
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import TARGETS, AdapterSpec, OutNormSpec, Plan, PlanError, SlotSpec
+from flexigpt.shared.evaluate.perplexity import sample_perplexity
 
 
 @dataclass(frozen=True)
@@ -396,7 +396,7 @@ def calibrate_gamma(
         with torch.no_grad():
             for w in weights:
                 w.fill_(gamma)
-        return perplexity(model, samples, progress=progress)
+        return sample_perplexity(model, samples, progress=progress, desc=f"gamma {gamma:g}").ppl
 
     if target_ppl is None:
         target_ppl = ppl_at(0.0)

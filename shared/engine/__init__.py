@@ -3,6 +3,7 @@
 - ``plan``: the slot plan, pure data (no torch).
 - ``layout``: what the engine knows about each architecture, declared once.
 - ``adapters``: the per-slot modules (low-rank adapters on shared linears, the output feature norm).
+- ``parts``: the meta skeleton that builders fill with top modules and layers; parameter roles by module type.
 - ``apply``: apply a plan to a source model, verify it, count its parameters, materialise it.
 - ``checkpoint``: the compact checkpoint format, its Auto-class registration, the plain export.
 - ``tiny``: small random models of every supported architecture, for tests and benchmarks.

@@ -28,6 +28,7 @@ from transformers import (
 
 from flexigpt.shared.engine.adapters import OutputNorm, SharedLoraLinear, init_lora, lora_factors, make_lora
 from flexigpt.shared.engine.layout import ArchLayout, get_layout
+from flexigpt.shared.engine.parts import ADAPTER, BLOCK, OUT_NORM, skeleton, slot_param_roles
 from flexigpt.shared.engine.plan import Plan, PlanError, SlotSpec
 
 
@@ -80,17 +81,6 @@ def canonical_name(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-def param_role(name: str, slot: SlotSpec, layout: ArchLayout) -> str:
-    """What a parameter of a slot's layer is: ``adapter``, ``out_norm``, ``own_norm`` or ``shared``."""
-    if ".lora_" in name or name.startswith("lora_"):
-        return "adapter"
-    if ".out_norm." in name:
-        return "out_norm"
-    if slot.own_norms and canonical_name(name).rsplit(".", 1)[0] in layout.norms:
-        return "own_norm"
-    return "shared"
-
-
 def _set_param(module: nn.Module, path: str, value: nn.Parameter | torch.Tensor) -> None:
     owner_path, _, leaf = path.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
@@ -107,10 +97,11 @@ def _layers(model: nn.Module, layout: ArchLayout) -> nn.ModuleList:
 def stack_config(
     source_config: PretrainedConfig, blocks: Sequence[int], layout: ArchLayout
 ) -> PretrainedConfig:
-    """The config of a stack whose layer i runs source block ``blocks[i]``.
+    """The config of a stack whose layer i runs layer ``blocks[i]`` of the stack `source_config` describes.
 
     The layer count and every per-layer config list (Qwen2 ``layer_types``) follow ``blocks``;
-    shared and dense (copied) stacks are described the same way.
+    shared and dense (copied) stacks, and the speculative draft's view over some slots of a shared
+    stack, are described the same way.
     """
     config = copy.deepcopy(source_config)
     config.num_hidden_layers = len(blocks)
@@ -167,15 +158,11 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = 
     layout = check_plan_fits(plan, source.config)
     src_layers = _layers(source, layout)
     config = _slot_config(source.config, plan, layout)
-    with torch.device("meta"):
-        model = SHARED_CLASSES[layout.model_type](config)
-    for path in layout.top_modules:
-        model.set_submodule(path, source.get_submodule(path))
     slots = [
         _build_slot(i, spec, config, layout, src_layers, init_slot_params)
         for i, spec in enumerate(plan.slots)
     ]
-    model.set_submodule(layout.layers_path, nn.ModuleList(slots))
+    model = skeleton(SHARED_CLASSES[layout.model_type], config, top=source, layers=nn.ModuleList(slots))
     model.plan = plan
     model.source_config = copy.deepcopy(source.config)
     model.generation_config = copy.deepcopy(source.generation_config)
@@ -257,10 +244,9 @@ def verify(model: PreTrainedModel) -> None:
             idx = layer.get_submodule(carrier).layer_idx
             _check(idx == i, f"slot {i}: {carrier}.layer_idx={idx}, expected {i}")
         shared = {}
-        for name, p in layer.named_parameters(remove_duplicate=False):
+        for name, role, p in slot_param_roles(layer, spec, layout):
             _check(p.device.type != "meta", f"slot {i}: parameter {name} is still on the meta device")
-            role = param_role(name, spec, layout)
-            if role == "shared":
+            if role == BLOCK:
                 shared[canonical_name(name)] = p
             else:
                 _check(id(p) not in seen_owned, f"slot {i}: slot-owned parameter {name} is shared")
@@ -316,9 +302,8 @@ def iter_slot_params(model: PreTrainedModel) -> Iterator[tuple[int, str, str, nn
     """(slot, name inside the slot's layer, role, parameter) for every slot-owned parameter."""
     layout = get_layout(model.config)
     for i, (spec, layer) in enumerate(zip(model.plan.slots, _layers(model, layout), strict=True)):
-        for name, p in layer.named_parameters():
-            role = param_role(name, spec, layout)
-            if role != "shared":
+        for name, role, p in slot_param_roles(layer, spec, layout):
+            if role != BLOCK:
                 yield i, name, role, p
 
 
@@ -406,23 +391,15 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
         )
     layout = get_layout(model.config)
     config = copy.deepcopy(model.config)
-    with torch.device("meta"):
-        plain = SOURCE_CLASSES[layout.model_type](config)
-    for path in layout.top_modules:
-        plain.set_submodule(path, copy.deepcopy(model.get_submodule(path)))
-    if config.tie_word_embeddings:
-        plain.lm_head.weight = plain.model.embed_tokens.weight
     new_layers = []
-    for i, layer in enumerate(_layers(model, layout)):
+    for i, (spec, layer) in enumerate(zip(plan.slots, _layers(model, layout), strict=True)):
         with torch.device("meta"):
             dense = type(layer)(config, layer_idx=i)
-        for name, p in layer.named_parameters():
-            if ".lora_" in name:
+        for name, role, p in slot_param_roles(layer, spec, layout):
+            if role in (ADAPTER, OUT_NORM):  # merged / re-wrapped below
                 continue
-            target = canonical_name(name)
-            if ".out_norm." in name:
-                continue
-            _set_param(dense, target, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            clone = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            _set_param(dense, canonical_name(name), clone)
         for name, m in layer.named_modules():
             if isinstance(m, SharedLoraLinear):
                 w = dense.get_submodule(canonical_name(name)).weight
@@ -434,7 +411,11 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
                 wrapped.out_norm.weight.copy_(m.out_norm.weight)
                 dense.set_submodule(path, wrapped)
         new_layers.append(dense)
-    plain.set_submodule(layout.layers_path, nn.ModuleList(new_layers))
+    plain = skeleton(
+        SOURCE_CLASSES[layout.model_type], config, top=model, copy_top=True, layers=nn.ModuleList(new_layers)
+    )
+    if config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
     plain.generation_config = copy.deepcopy(model.generation_config)
     plain.train(model.training)
     return plain

@@ -46,6 +46,7 @@ from flexigpt.shared.engine.apply import (
     materialize,
 )
 from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.parts import BLOCK, OWN_NORM, skeleton, slot_param_roles, top_params
 from flexigpt.shared.engine.plan import Plan, PlanError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -104,19 +105,14 @@ def compact_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors of the compact format: each physical block once, slot-owned tensors per slot."""
     plan: Plan = model.plan
     layout = get_layout(model.config)
-    prefix = layout.layers_path + "."
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():  # duplicates (tied or shared) are skipped by torch
-        if not name.startswith(prefix):
-            tensors[name] = p
+    tensors: dict[str, torch.Tensor] = dict(top_params(model, layout))  # a tied head once
     layers = _layers(model, layout)
     for block in plan.physical_blocks:
         owner = plan.owner_slot(block)
-        spec = plan.slots[owner]
-        for name, p in layers[owner].named_parameters():
-            if ".lora_" in name or ".out_norm." in name:
+        for name, role, p in slot_param_roles(layers[owner], plan.slots[owner], layout):
+            if role not in (BLOCK, OWN_NORM):
                 continue
-            if spec.own_norms and canonical_name(name).rsplit(".", 1)[0] in layout.norms:
+            if role == OWN_NORM:
                 # the owner uses private norms; the block's norms are stored if another slot uses them
                 users = [i for i, s in enumerate(plan.slots) if s.block == block and not s.own_norms]
                 if not users:
@@ -215,8 +211,8 @@ def load_compact(
     base = CONFIG_MAPPING[layout.model_type].from_dict(base_dict)
     base._attn_implementation = attn_implementation or "sdpa"
     plan = Plan.from_dict(raw["plan"])
-    with torch.device("meta"):
-        source = SOURCE_CLASSES[layout.model_type](base)
+    # Every stored tensor is put into a meta skeleton; the rotary embedding is rebuilt from the config.
+    source = skeleton(SOURCE_CLASSES[layout.model_type], base)
     src_layers = _layers(source, layout)
     slot_tensors: dict[tuple[int, str], torch.Tensor] = {}
     with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
@@ -233,8 +229,6 @@ def load_compact(
                 _set_param(source, key, nn.Parameter(t))
     if base.tie_word_embeddings:
         source.lm_head.weight = source.model.embed_tokens.weight
-    for path_ in layout.buffer_modules:  # non-persistent buffers (rotary inv_freq) are rebuilt
-        source.set_submodule(path_, type(source.get_submodule(path_))(config=base))
     model = apply_plan(source, plan, init_slot_params=False)
     want = {(i, name): p for i, name, _, p in iter_slot_params(model)}
     missing, extra = sorted(set(want) - set(slot_tensors)), sorted(set(slot_tensors) - set(want))

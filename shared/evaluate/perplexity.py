@@ -11,6 +11,12 @@ every window. ``PerplexityResult.tokens`` is the exact count of scored tokens.
 Works on any ``*ForCausalLM`` that returns ``.logits``: shared models (``engine.apply_plan``,
 ``checkpoint.load_compact``), materialised models and plain transformers models.
 
+``sample_perplexity`` scores sequences that were cut beforehand (calibration samples, as the prune
+command's importance metric and gamma calibration use them) by the same recipe: every row is a
+stream of its own with one window as long as the row (``stride == context_len``), so it is the plain
+next-token loss of each row. Both entry points share the scoring loop below; there is no other
+perplexity in the package.
+
 Token sources: ``encode_documents`` (any iterable of texts), ``file_documents`` (local files: a
 ``.txt`` file is one document; jsonl / parquet go through ``data.open_documents``) and
 ``stream_documents`` (a ``recipe.StreamSection``, e.g. a held-out SlimPajama split).
@@ -169,29 +175,104 @@ def perplexity(
     Raises:
         ValueError: bad settings, batch_size < 1, or a stream with no token to score.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
     ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     context_len, stride = resolve_context(model, context_len, stride)
     windows = sliding_windows(len(ids), context_len, stride)
     if not windows:
         raise ValueError(f"the token stream has {len(ids)} tokens; perplexity needs at least 2")
+    pieces = [(ids, w) for w in windows]
+    return _score(model, pieces, batch_size, progress, desc, (context_len, stride, len(ids)))
+
+
+@torch.no_grad()
+def sample_perplexity(
+    model: nn.Module,
+    samples: Iterable[torch.Tensor],
+    *,
+    batch_size: int = 1,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Perplexity of token sequences cut beforehand (calibration samples), by the recipe above.
+
+    Every row of every sample is a stream of its own, scored with one window as long as the row
+    (``context_len == stride``, the disjoint-window case): each token but the row's first is scored
+    once, with all the tokens before it in the row as context, i.e. the next-token loss of the row
+    without padding. On rows of one length T this is ``perplexity`` of the rows joined into one
+    stream with ``context_len = stride = T``.
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        samples: token-id tensors of shape (T,) or (B, T), no padding; rows may differ in length
+            (rows of fewer than 2 tokens have nothing to score and are skipped).
+        batch_size: rows per forward pass (rows of equal length are batched together).
+        progress: show a tqdm bar over rows.
+        desc: label of the progress bar.
+
+    Returns:
+        The perplexity; ``context_len`` is the longest row, ``stride`` equals it, ``windows`` counts
+        the rows scored and ``stream_tokens`` the tokens of every row.
+
+    Raises:
+        ValueError: a sample is not an integer tensor of shape (T,) or (B, T), batch_size < 1, or
+            no row has 2 tokens.
+    """
+    rows = [row for k, ids in enumerate(samples) for row in token_rows(ids, k)]
+    pieces = [
+        (row, w) for row in rows if len(row) >= 2 for w in sliding_windows(len(row), len(row), len(row))
+    ]
+    if not pieces:
+        raise ValueError("samples: perplexity needs sequences of at least 2 tokens")
+    longest = max(w.length for _, w in pieces)
+    return _score(model, pieces, batch_size, progress, desc, (longest, longest, sum(len(r) for r in rows)))
+
+
+def token_rows(ids: Any, index: int = 0) -> torch.Tensor:
+    """A calibration sample as a (B, T) LongTensor of rows.
+
+    Raises:
+        ValueError: `ids` (``samples[index]``) is not an integer tensor of shape (T,) or (B, T).
+    """
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dtype not in (torch.int64, torch.int32)
+        or ids.dim() not in (1, 2)
+    ):
+        raise ValueError(
+            f"samples[{index}]: expected an integer token-id tensor of shape (T,) or (B, T), got "
+            f"{type(ids).__name__} {getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}"
+        )
+    return ids.long().reshape(-1, ids.shape[-1])
+
+
+def _score(
+    model: nn.Module,
+    pieces: list[tuple[torch.Tensor, Window]],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+    settings: tuple[int, int, int],
+) -> PerplexityResult:
+    """Score the windows of every (token row, window) piece; `settings` is (context_len, stride,
+    stream tokens), reported as they are."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
     device = next(model.parameters()).device
     # Ask for the logits of the scored positions only (the vocabulary projection dominates the
     # memory of a window with a 32k vocabulary); models without the argument return them all.
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
-    groups: dict[tuple[int, int], list[Window]] = defaultdict(list)
-    for w in windows:
-        groups[(w.length, w.targets)].append(w)
+    groups: dict[tuple[int, int], list[tuple[torch.Tensor, Window]]] = defaultdict(list)
+    for src, w in pieces:
+        groups[(w.length, w.targets)].append((src, w))
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
-    bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress)
+    bar = tqdm(total=len(pieces), desc=desc, unit="window", disable=not progress)
     try:
         for (_length, targets), group in groups.items():
             for i in range(0, len(group), batch_size):
                 chunk = group[i : i + batch_size]
-                batch = torch.stack([ids[w.begin : w.end] for w in chunk]).to(device)
+                batch = torch.stack([src[w.begin : w.end] for src, w in chunk]).to(device)
                 total_nll += _window_nll(model, batch, targets, keep_arg)
                 total_tokens += targets * len(chunk)
                 bar.update(len(chunk))
@@ -199,14 +280,15 @@ def perplexity(
         bar.close()
         model.train(was_training)
     nll = total_nll / total_tokens
+    context_len, stride, stream_tokens = settings
     return PerplexityResult(
         ppl=math.exp(nll),
         nll=nll,
         tokens=total_tokens,
         context_len=context_len,
         stride=stride,
-        windows=len(windows),
-        stream_tokens=len(ids),
+        windows=len(pieces),
+        stream_tokens=stream_tokens,
     )
 
 

@@ -13,10 +13,17 @@ from flexigpt.prune.depth.importance import (
     calibration_samples,
     compute_importance,
     n_blocks_to_remove,
-    perplexity,
     register_importance,
 )
+from flexigpt.prune.depth.replace import shortgpt_plan
+from flexigpt.shared.engine.apply import apply_plan
 from flexigpt.shared.engine.tiny import TINY_ARCHS, tiny_model
+from flexigpt.shared.evaluate.perplexity import sample_perplexity
+
+
+def perplexity(model: torch.nn.Module, samples: list[torch.Tensor]) -> float:
+    """The package's one perplexity, on calibration samples (what ppl_drop measures with)."""
+    return sample_perplexity(model, samples).ppl
 
 
 def _samples(n: int = 3, length: int = 24, seed: int = 0) -> list[torch.Tensor]:
@@ -74,6 +81,20 @@ def test_ppl_drop_identity_block_costs_nothing() -> None:
     assert abs(res.scores[2]) < 1e-3 * res.extra["ppl_full"]
     assert len(res.extra["ppl_without_block"]) == 4
     assert any(abs(s) > 1e-2 for i, s in enumerate(res.scores) if i != 2)
+
+
+def test_ppl_drop_equals_the_model_without_the_block() -> None:
+    # Skipping a block through a hook is the ShortGPT model that removed it, scored the same way.
+    samples = _samples(2, length=20, seed=3)
+    res = compute_importance(tiny_model("qwen2", num_layers=4), samples, "ppl_drop", progress=False)
+    for block in range(4):
+        removed = apply_plan(tiny_model("qwen2", num_layers=4), shortgpt_plan("qwen2", 4, [block]))
+        assert res.extra["ppl_without_block"][block] == pytest.approx(perplexity(removed, samples), rel=1e-5)
+        assert res.scores[block] == pytest.approx(
+            res.extra["ppl_without_block"][block] - res.extra["ppl_full"], rel=1e-9, abs=1e-12
+        )
+    with pytest.raises(ValueError, match="ppl_drop needs sequences of at least 2 tokens"):
+        compute_importance(tiny_model(num_layers=2), [torch.tensor([[5]])], "ppl_drop", progress=False)
 
 
 def test_result_round_trip_and_least_important(tmp_path: Path) -> None:

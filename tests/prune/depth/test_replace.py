@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flexigpt.prune.depth.importance import perplexity
 from flexigpt.prune.depth.replace import (
     REPLACEMENTS,
     ReplacementOptions,
@@ -29,6 +28,7 @@ from flexigpt.shared.engine.apply import apply_plan, canonical_name, set_trainab
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import TARGETS, Plan, PlanError
 from flexigpt.shared.engine.tiny import tiny_config, tiny_model
+from flexigpt.shared.evaluate.perplexity import sample_perplexity
 
 PICKS = {1: 0, 2: 0, 4: 5}  # block 0 serves two removed blocks
 
@@ -261,6 +261,11 @@ def test_applied_switches_change_only_their_part() -> None:
     assert (
         set_trainable(full, "adapters+norms") == sum(16 * (o + i) for o, i in _shapes(full).values()) + 2 * 64
     )
+
+
+def perplexity(model: torch.nn.Module, samples: list[torch.Tensor]) -> float:
+    """The package's one perplexity, on calibration samples (what calibrate_gamma measures with)."""
+    return sample_perplexity(model, samples).ppl
 
 
 def test_calibrate_gamma_targets_the_shortgpt_perplexity() -> None:

@@ -18,6 +18,7 @@ from flexigpt.shared.evaluate.perplexity import (
     file_documents,
     load_tokenizer,
     perplexity,
+    sample_perplexity,
     sliding_windows,
 )
 
@@ -84,6 +85,49 @@ def test_disjoint_windows_equal_a_direct_loop() -> None:
     assert res.nll == pytest.approx(total / count, rel=1e-6)
     batched = perplexity(model, ids, context_len=ctx, stride=ctx, batch_size=3, progress=False)
     assert batched.ppl == pytest.approx(res.ppl, rel=1e-6) and batched.tokens == res.tokens
+
+
+@torch.no_grad()
+def test_samples_are_the_disjoint_window_recipe_and_the_batch_next_token_loss() -> None:
+    """Calibration samples (importance, gamma calibration) go through the same scoring loop."""
+    model = tiny_model("mistral", num_layers=2)
+    g = torch.Generator().manual_seed(4)
+    samples = [torch.randint(3, 128, (2, 24), generator=g), torch.randint(3, 128, (24,), generator=g)]
+    res = sample_perplexity(model, samples)
+    # the same rows joined into one stream, windows as long as a row: the recipe with stride = context
+    stream = perplexity(
+        model, torch.cat([s.reshape(-1) for s in samples]), context_len=24, stride=24, progress=False
+    )
+    assert (res.tokens, res.windows, res.context_len, res.stride, res.stream_tokens) == (
+        3 * 23,
+        3,
+        24,
+        24,
+        72,
+    )
+    assert (stream.tokens, stream.windows) == (res.tokens, res.windows)
+    assert res.nll == pytest.approx(stream.nll, rel=1e-9)
+    # what a batch of fixed windows scores: the summed next-token loss of every (B, T) sample
+    total = 0.0
+    for ids in samples:
+        ids = ids.reshape(-1, ids.shape[-1])
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
+    assert res.ppl == pytest.approx(math.exp(total / (3 * 23)), rel=1e-6)
+    assert sample_perplexity(model, samples, batch_size=3).ppl == pytest.approx(res.ppl, rel=1e-6)
+    # rows of different lengths: each its own window; a one-token row has nothing to score
+    ragged = [torch.randint(3, 128, (1, n), generator=g) for n in (9, 17, 1)]
+    nll = sum(
+        float(torch.nn.functional.cross_entropy(model(input_ids=r).logits[0, :-1], r[0, 1:], reduction="sum"))
+        for r in ragged[:2]
+    )
+    got = sample_perplexity(model, ragged)
+    assert (got.tokens, got.windows, got.context_len, got.stream_tokens) == (8 + 16, 2, 17, 27)
+    assert got.ppl == pytest.approx(math.exp(nll / 24), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        sample_perplexity(model, [torch.tensor([[7]])])
+    with pytest.raises(ValueError, match=r"samples\[1\]: expected an integer token-id tensor"):
+        sample_perplexity(model, [samples[1], samples[1].float()])
 
 
 @torch.no_grad()
