@@ -10,6 +10,7 @@ and a bad recipe answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -113,9 +114,15 @@ def run_command(
     main_rank = is_main_rank()
     if main_rank:
         print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
+    from flexigpt.shared.runguard import RunLockError, run_lock, stop_with_launcher
+
+    stop_with_launcher()
     try:
-        return run_fn(recipe, args, print if main_rank else _quiet)
-    except known_errors as e:
+        # rank 0 holds output_dir for the whole command (the trainer it hands over to takes the
+        # same lock again); a refused rank 0 exits 2 and the launcher stops the others
+        with run_lock(recipe.output_dir) if main_rank else contextlib.nullcontext():
+            return run_fn(recipe, args, print if main_rank else _quiet)
+    except (*known_errors, RunLockError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
 

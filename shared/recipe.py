@@ -80,6 +80,11 @@ class ModelSection(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
         "sdpa", description="transformers attention kernel."
     )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Load local model directories whose weights are pickles (*.bin), which can run code; "
+        "false: refuse them (convert to safetensors once instead).",
+    )
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -225,6 +230,12 @@ class TrainSection(Section):
     )
     checkpoint_checksums: bool = Field(
         True, description="Record a crc32 of every checkpoint file and check it on resume."
+    )
+    max_skipped_steps: int = Field(
+        20,
+        ge=0,
+        description="fp16 only: consecutive steps DeepSpeed's loss scaler may skip for overflowing gradients "
+        "before the run stops as diverged (bf16 / fp32 stop at the first non-finite loss or gradient).",
     )
     export: Literal["none", "compact", "compact+materialized"] = Field(
         "compact", description="Final model written to output_dir/final (and output_dir/final_materialized)."

@@ -159,6 +159,9 @@ def save_compact(model: PreTrainedModel, save_directory: str | os.PathLike, toke
 
 
 def _replace_dir(new: Path, target: Path) -> None:
+    from flexigpt.shared.files import apply_user_mode
+
+    apply_user_mode(new)  # mkdtemp made it 0700: the result gets the modes a plain mkdir would give
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

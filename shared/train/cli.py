@@ -1,7 +1,7 @@
 """``flexigpt-train``: continued pre-training from a recipe, and checkpoint export.
 
-    flexigpt-train RECIPE.yaml [key.path=value ...] [--resume auto|never|DIR]
-                   [--allow-plan-change] [--allow-world-size-change]
+    flexigpt-train RECIPE.yaml [key.path=value ...] [--resume auto|never|restart|DIR]
+                   [--allow-plan-change] [--allow-world-size-change] [--allow-schedule-change]
     flexigpt-train export CHECKPOINT OUT_DIR [--materialize] [--dtype float32|bfloat16|float16]
     flexigpt-train --help-recipe
 
@@ -9,6 +9,11 @@ The same as ``python -m flexigpt.shared.train``. Several ranks: ``torchrun --npr
 flexigpt.shared.train RECIPE.yaml`` (or the ``deepspeed`` launcher). Running the same command
 again resumes from the newest valid checkpoint in ``output_dir``. Every training knob is a recipe
 field (``--help-recipe`` lists them); the flags above only say how to treat existing checkpoints.
+
+Exit status: 0 done; 2 a refused run (bad recipe, path, corpus or checkpoint, another run in
+``output_dir``), with one line naming the key or file; 1 a run that failed once started (it
+diverged, or a checkpoint could not be written), with what to change; 128 + N stopped by signal N
+after its checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from flexigpt.shared.recipe import RECIPE_KINDS, RecipeError, describe_recipe, load_recipe
 
@@ -30,7 +36,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="YAML recipe (kind: train)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, validated like the file")
     p.add_argument(
-        "--resume", default="auto", help="auto (default): newest valid checkpoint; never; or a checkpoint dir"
+        "--resume",
+        default="auto",
+        help="auto (default): newest valid checkpoint (refused if checkpoints exist and none is usable); "
+        "never: refuse if checkpoints exist; restart: set existing checkpoints aside and start at step 0; "
+        "or a checkpoint dir",
     )
     p.add_argument(
         "--allow-plan-change", action="store_true", help="resume a checkpoint of another plan (weights only)"
@@ -39,6 +49,13 @@ def _train_parser() -> argparse.ArgumentParser:
         "--allow-world-size-change",
         action="store_true",
         help="resume a checkpoint of another world size (weights only)",
+    )
+    p.add_argument(
+        "--allow-schedule-change",
+        action="store_true",
+        help="resume although train.max_steps / token_budget / lr / warmup_steps / min_lr_ratio, the batch "
+        "sizes or the data settings (seq_len, seed, sources, shuffle) changed; prints each change, and "
+        "the data streams start again",
     )
     return p
 
@@ -66,13 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["export"]:
         args = _export_parser().parse_args(argv[1:])
-        from flexigpt.shared.train.export import export_checkpoint
-
-        for d in export_checkpoint(
-            args.checkpoint, args.out_dir, materialize=args.materialize, dtype=args.dtype
-        ):
-            print(f"wrote {d}")
-        return 0
+        return _guarded("flexigpt-train export", lambda: _export(args))
     args = _train_parser().parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -81,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if os.environ.get("RANK", "0") == "0":
         print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
+    return _guarded("flexigpt-train", lambda: _train(recipe, args))
+
+
+def _train(recipe: object, args: argparse.Namespace) -> int:
     from flexigpt.shared.train.trainer import train
 
     result = train(
@@ -88,10 +103,39 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         allow_plan_change=args.allow_plan_change,
         allow_world_size_change=args.allow_world_size_change,
+        allow_schedule_change=args.allow_schedule_change,
     )
     if result.interrupted_by is not None:
         return 128 + int(result.interrupted_by)
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flexigpt.shared.train.export import export_checkpoint
+
+    for d in export_checkpoint(args.checkpoint, args.out_dir, materialize=args.materialize, dtype=args.dtype):
+        print(f"wrote {d}")
+    return 0
+
+
+def _guarded(prog: str, fn: Callable[[], int]) -> int:
+    """Run `fn`; a refused run prints one line and returns 2, a failed one prints what to change and returns 1."""
+    from flexigpt.shared.engine.checkpoint import CheckpointError
+    from flexigpt.shared.engine.plan import PlanError
+    from flexigpt.shared.runguard import RunLockError
+    from flexigpt.shared.train.data import DataError
+    from flexigpt.shared.train.export import ExportError
+    from flexigpt.shared.train.guards import TrainingError
+    from flexigpt.shared.train.state import ResumeError
+
+    try:
+        return fn()
+    except (RecipeError, DataError, ResumeError, RunLockError, ExportError, CheckpointError, PlanError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ DeepSpeed's ``zero_to_fp32`` reassembles the full fp32 weights from the ZeRO par
 rank (any stage, any world size). The model skeleton is rebuilt from the checkpoint's own
 ``recipe.yaml`` (its ``model`` section) and ``plan.json``, the weights are loaded into it, and the
 result is written in the compact format and, on request, materialised as a plain HF model.
+
+``zero_to_fp32`` unpickles without restrictions, so every ``*.pt`` file of the checkpoint is first
+unpickled with ``weights_only=True`` and the allow-list of ``state.safe_torch_load``; a file that
+names anything else is refused before DeepSpeed opens it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from flexigpt.shared.engine.checkpoint import export_materialized, save_compact
 from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.recipe import ModelSection
 from flexigpt.shared.train.components import DTYPES, load_tokenizer
-from flexigpt.shared.train.state import list_checkpoints
+from flexigpt.shared.train.state import check_pickles, list_checkpoints
 
 
 class ExportError(RuntimeError):
@@ -33,6 +37,9 @@ def consolidated_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     d = Path(ckpt_dir)
+    reason = check_pickles(d)  # raises UnsafeCheckpointError for planted objects
+    if reason is not None:
+        raise ExportError(f"checkpoint {d} is unusable: {reason}")
     state = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
     # ZeRO-1 records no frozen parameters beside the optimizer partitions; their values (never
     # trained, so exact in the training dtype) are in the module state that stages 1-2 save whole.
@@ -115,6 +122,9 @@ def model_from_checkpoint(ckpt_dir: str | Path, dtype: str = "float32") -> tuple
     from flexigpt.shared.engine.checkpoint import load_model
 
     # Every tensor is overwritten below; adapters need no initialisation.
+    from flexigpt.shared.train.guards import check_weight_files
+
+    check_weight_files(section.source, section.allow_pickle_weights)
     model = load_model(section.source, dtype=DTYPES[dtype], attn_implementation=section.attn_implementation)
     plan = Plan.load(d / "plan.json")
     if getattr(model, "plan", None) is None:

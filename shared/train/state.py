@@ -15,13 +15,20 @@ rank 0 renames the directory to ``step_<N>``, then rewrites the ``latest`` point
 temporary file and a rename), and only then deletes checkpoints beyond ``keep_last``. A process
 killed at any moment therefore leaves either the previous checkpoints untouched or a complete new
 one. On resume the newest checkpoint whose manifest checks out and whose engine state loads is
-used; a truncated or corrupt one is skipped with a warning.
+used; a truncated or corrupt one is skipped with a warning, but checkpoints that exist and are all
+unusable stop the run (``--resume restart`` sets them aside and starts over).
+
+DeepSpeed's files are pickles. They are only ever unpickled with ``weights_only=True`` and an
+allow-list of the few DeepSpeed classes they hold (``SAFE_GLOBALS``): every ``*.pt`` file is
+checked that way before a checkpoint is used, and the engine loads through the same restricted
+loader. A file that names anything else is refused (``UnsafeCheckpointError``), never run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -36,7 +43,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.train.data import load_loader_state, save_loader_state
+from flexigpt.shared.train.guards import TrainingError, describe_write_error
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -45,6 +54,87 @@ TRAINER_STATE = "trainer_state.json"
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed into this run (world size, plan, ...); the message says how to proceed."""
+
+
+class UnsafeCheckpointError(ResumeError):
+    """A checkpoint file holds pickled objects outside the allow-list: it is refused, never loaded."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written; the partial directory is gone, the previous ones are intact."""
+
+
+def _safe_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoint files (besides tensors and plain containers)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | Path, map_location: Any = None, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` and the allow-list of DeepSpeed's checkpoint classes.
+
+    Raises:
+        UnsafeCheckpointError: the file names a global outside the allow-list.
+        pickle.UnpicklingError, RuntimeError, OSError: the file is corrupt or unreadable.
+    """
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "GLOBAL" in text or "global" in text:
+            what = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), text.splitlines()[0])
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled objects outside the checkpoint allow-list ({what}); it is refused "
+                "unloaded, since unpickling it could run code. Use checkpoints only from sources you trust"
+            ) from None
+        raise
+
+
+class SafeLoads:
+    """A DeepSpeed checkpoint engine whose loads go through ``safe_torch_load`` (saves are unchanged).
+
+    DeepSpeed loads with ``weights_only=False``; its checkpoint engine is the one place every
+    load of ``engine.load_checkpoint`` goes through, so the engine's own is wrapped there.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        """Load a checkpoint file with the allow-list."""
+        return safe_torch_load(path, map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def install_safe_loads(engine: Any) -> None:
+    """Make `engine` load its checkpoint files with ``weights_only=True`` and the allow-list."""
+    if not isinstance(engine.checkpoint_engine, SafeLoads):
+        engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine)
+
+
+def check_pickles(d: Path, names: list[str] | None = None) -> str | None:
+    """Unpickle the ``*.pt`` files of `d` (or `names`) with the allow-list, tensors memory-mapped.
+
+    Returns:
+        Why one is unusable (corrupt), or None.
+
+    Raises:
+        UnsafeCheckpointError: a file names a global outside the allow-list.
+    """
+    for name in names if names is not None else sorted(p.name for p in d.glob("*.pt")):
+        try:
+            safe_torch_load(d / name, map_location="cpu", mmap=True)
+        except UnsafeCheckpointError:
+            raise
+        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as e:
+            return f"{name} does not load: {e.__class__.__name__}"
+    return None
 
 
 def tag_for(step: int) -> str:
@@ -215,25 +305,39 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"flexigpt_step": step}, save_latest=False)
-    meta, tensors = rng_state()
-    save_loader_state(
-        {**loader_state, "rng_meta": meta, **{f"rng_{k}": v.numpy() for k, v in tensors.items()}},
-        tmp / f"rank_{rank:05d}",
-    )
-    if rank == 0:
-        state = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "world_size": world,
-            "zero_stage": zero_stage,
-            "time": time.time(),
-        }
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
-        if plan_json is not None:
-            (tmp / "plan.json").write_text(plan_json + "\n")
-    _barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(
+            str(root), tag=tmp.name, client_state={"flexigpt_step": step}, save_latest=False
+        )
+        meta, tensors = rng_state()
+        save_loader_state(
+            {**loader_state, "rng_meta": meta, **{f"rng_{k}": v.numpy() for k, v in tensors.items()}},
+            tmp / f"rank_{rank:05d}",
+        )
+        if rank == 0:
+            state = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "world_size": world,
+                "zero_stage": zero_stage,
+                "time": time.time(),
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+            if plan_json is not None:
+                (tmp / "plan.json").write_text(plan_json + "\n")
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError (iostream error)
+        error = e
+    if not _all_true(error is None):
+        reason = describe_write_error(tmp, error) if error is not None else "it failed on another rank"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"writing checkpoint {root / tag} failed: {reason} (in {tmp}); the partial directory was "
+            f"removed, the previous checkpoints are intact ({read_latest(root) or 'none'}). Free space or "
+            "fix the output directory, then run the same command again to resume"
+        )
     names = _files(tmp)
     described = _gather_dicts(_describe_files(tmp, names[rank::world], checksums))
     if rank == 0:
@@ -245,23 +349,47 @@ def save_checkpoint(
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
         _write_atomic(root / "latest", tag + "\n")
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep=final)
     _barrier()
     return root / tag
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(path.name + ".part")
-    with open(part, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+    write_text_atomic(path, text)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    for old in list_checkpoints(root)[keep_last:]:
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    # `keep` (the checkpoint just written) counts first: a newer directory left by another timeline
+    # (the trainer sets those aside on resume) must never push the newest good state out
+    others = [p for p in list_checkpoints(root) if p != keep]
+    for old in others[keep_last - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_latest(root: Path) -> str | None:
+    """The tag the ``latest`` pointer names, if any."""
+    try:
+        return (Path(root) / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def set_aside(paths: list[Path], why: str) -> list[Path]:
+    """Rename checkpoint directories to ``.<why>-step_N`` (rank 0): kept on disk, never resumed or rotated.
+
+    Returns:
+        The new paths.
+    """
+    moved = []
+    if _rank_world()[0] == 0:
+        for p in paths:
+            target = p.with_name(f".{why}-{p.name}")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(p, target)
+            moved.append(target)
+    _barrier()
+    return moved
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -309,11 +437,24 @@ def pick_checkpoint(
 
     Raises:
         ResumeError: `explicit` is given but unusable.
+        UnsafeCheckpointError: a checkpoint file names a pickled global outside the allow-list.
     """
     candidates = [Path(explicit)] if explicit is not None else list_checkpoints(root)
     good = []
+    rank, world = _rank_world()
     for path in candidates:
         reason = check_manifest(path, checksums)
+        unsafe = None
+        if reason is None:
+            pickles = sorted(p.name for p in path.glob("*.pt"))
+            try:
+                reason = check_pickles(path, pickles[rank::world])
+            except UnsafeCheckpointError as e:
+                unsafe, reason = str(e), "unsafe"
+        if not _all_true(unsafe is None):  # every rank stops, with the file where one rank found it
+            raise UnsafeCheckpointError(
+                unsafe or f"{path}: a file holds pickled objects outside the allow-list"
+            )
         ok = _all_true(reason is None)
         if ok:
             try:
@@ -342,9 +483,12 @@ def load_rank_state(path: Path, rank: int) -> dict[str, Any]:
 
 def load_engine_state(engine: Any, info: CheckpointInfo) -> bool:
     """Load module, optimizer and scheduler from `info` into `engine`; False (on every rank) if any rank failed."""
+    install_safe_loads(engine)
     try:
         load_path, _ = engine.load_checkpoint(str(info.path.parent), tag=info.path.name)
         ok = load_path is not None
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # a corrupt file surfaces as any of pickle / zip / torch errors
         warnings.warn(f"checkpoint {info.path} failed to load: {e.__class__.__name__}: {e}", stacklevel=2)
         ok = False

@@ -11,15 +11,22 @@ Every `checkpoint_every` steps, at the end, and on SIGTERM / SIGINT the full sta
 (``train_state``); started again with the same recipe, the run continues from the newest valid
 checkpoint and ends with the same weights as an uninterrupted run. TensorBoard scalars go to
 ``<output_dir>/tb``; a tqdm bar shows progress on rank 0.
+
+A run never reports success on a broken model: it holds the lock of ``output_dir`` (one run per
+directory), refuses checkpoints that all fail their checks and resumes that would change the
+schedule or data order, stops on a non-finite loss, gradient norm or parameter without saving that
+state, and names the path and OS error when a checkpoint cannot be written (``guards``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import BaseRecipe, RecipeError
+from flexigpt.shared.runguard import stop_with_launcher
 from flexigpt.shared.train.components import (
     DTYPES,
     PRECISION_DTYPE,
@@ -54,15 +63,33 @@ from flexigpt.shared.train.ds_config import (
     zero_stage,
 )
 from flexigpt.shared.train.export import consolidated_state_dict, export_checkpoint, load_weights
+from flexigpt.shared.train.guards import (
+    TrainingDiverged,
+    check_model_fits,
+    check_model_paths,
+    check_output_dir,
+    checkpoint_bytes,
+    divergence_advice,
+    params_finite,
+)
+from flexigpt.shared.train.resume import (
+    check_schedule,
+    load_or_refuse,
+    none_usable,
+    output_lock,
+    resume_mode,
+)
 from flexigpt.shared.train.state import (
     CheckpointInfo,
     ResumeError,
+    _all_true,
     clean_partial,
     list_checkpoints,
     load_engine_state,
     load_rank_state,
     pick_checkpoint,
     save_checkpoint,
+    set_aside,
 )
 
 
@@ -107,36 +134,6 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume_mode(
-    info: CheckpointInfo, world: int, plan_json: str, stage: int, allow_plan: bool, allow_world: bool
-) -> str:
-    """``full`` (engine state loads as is) or ``weights`` (consolidated weights only); raise if refused."""
-    problems = []
-    if info.world_size != world:
-        if not allow_world:
-            raise ResumeError(
-                f"{info.path} was written by {info.world_size} ranks, this run has {world}; ZeRO partitions and "
-                "stream positions are per rank. Pass --allow-world-size-change to continue from its weights "
-                "(fresh optimizer state and data streams), or run with the same world size"
-            )
-        problems.append("world size")
-    if info.plan_json is not None and json.loads(info.plan_json) != json.loads(plan_json):
-        if not allow_plan:
-            raise ResumeError(
-                f"{info.path} was trained with another plan than this run's; pass --allow-plan-change to load the "
-                "weights whose names match (fresh optimizer state), or use the plan of the checkpoint"
-            )
-        problems.append("plan")
-    if info.zero_stage != stage:
-        warnings.warn(
-            f"{info.path} was written with ZeRO-{info.zero_stage}, this run uses ZeRO-{stage}: "
-            "continuing from its weights with a fresh optimizer state",
-            stacklevel=2,
-        )
-        problems.append("zero stage")
-    return "weights" if problems else "full"
-
-
 def train(
     recipe: BaseRecipe,
     *,
@@ -144,6 +141,7 @@ def train(
     resume: str = "auto",
     allow_plan_change: bool = False,
     allow_world_size_change: bool = False,
+    allow_schedule_change: bool = False,
 ) -> TrainResult:
     """Train `recipe` on every rank; resume, checkpoint, log, and export the final model.
 
@@ -152,32 +150,43 @@ def train(
         model: a ready shared-block model (from a grow / prune command); None builds it from the recipe.
             It must be built the same way on every rank and in every restart.
         resume: ``auto`` (newest valid checkpoint under ``output_dir/checkpoints`` if any), ``never``
-            (refuse if checkpoints exist), or the path of one checkpoint directory.
+            (refuse if checkpoints exist), ``restart`` (set existing checkpoints aside as
+            ``.replaced-step_N`` and start at step 0), or the path of one checkpoint directory.
         allow_plan_change: resume from a checkpoint of another plan (weights whose names match).
         allow_world_size_change: resume from a checkpoint of another world size (weights only).
+        allow_schedule_change: resume although a field that shapes the LR schedule or the data
+            order changed (one line per field is printed); the data streams start again.
 
     Returns:
         A TrainResult; ``interrupted_by`` is set when a signal stopped the run after checkpointing.
 
     Raises:
-        RecipeError: batch arithmetic, precision or trainable set do not fit this machine / model.
-        ResumeError: the checkpoint cannot be resumed into this run without an explicit allowance.
+        RecipeError: batch arithmetic, precision, trainable set, paths or output directory do not
+            fit this machine / model.
+        RunLockError: another run holds ``output_dir``.
+        ResumeError: the checkpoint cannot be resumed into this run without an explicit allowance,
+            or checkpoints exist and none is usable.
+        TrainingError: the run diverged, or a checkpoint could not be written.
     """
     rank, world, _, device = init_distributed(recipe.train.cpu_shm_comm)
-    with launcher_env():  # DeepSpeed reads LOCAL_RANK when it builds the engine
-        return _train(recipe, model, resume, allow_plan_change, allow_world_size_change, rank, world, device)
+    stop_with_launcher()
+    allow = (allow_plan_change, allow_world_size_change, allow_schedule_change)
+    # DeepSpeed reads LOCAL_RANK when it builds the engine; `lock` holds the run lock once taken
+    with launcher_env(), ExitStack() as lock:
+        return _train(recipe, model, resume, allow, rank, world, device, lock)
 
 
 def _train(
     recipe: BaseRecipe,
     model: PreTrainedModel | None,
     resume: str,
-    allow_plan_change: bool,
-    allow_world_size_change: bool,
+    allow: tuple[bool, bool, bool],
     rank: int,
     world: int,
     device: torch.device,
+    lock: ExitStack,
 ) -> TrainResult:
+    allow_plan_change, allow_world_size_change, allow_schedule_change = allow
     t = recipe.train
     precision = resolve_precision(t.precision, device.type)
     ds_cfg = build_ds_config(
@@ -189,10 +198,15 @@ def _train(
     out, ckpt_root = Path(recipe.output_dir), Path(recipe.output_dir) / "checkpoints"
 
     _seed(t.seed)  # identical on every rank: the model (and its adapter init) must be too
-    tokenizer = load_tokenizer(recipe.model)
+    if model is None:
+        check_model_paths(recipe.model)
+    tokenizer = load_or_refuse(
+        load_tokenizer, recipe.model, "model.tokenizer", recipe.model.tokenizer or recipe.model.source
+    )
     dtype = DTYPES[PRECISION_DTYPE[precision] if recipe.model.dtype == "auto" else recipe.model.dtype]
     if model is None:
-        model = build_model(recipe.model, dtype)
+        model = load_or_refuse(build_model, recipe.model, "model.source", recipe.model.source, dtype)
+    check_model_fits(model, tokenizer, seq_len)
     if getattr(model, "plan", None) is None:
         raise RecipeError(
             "train(model=...): the model has no plan; build it with flexigpt.shared.engine.apply.apply_plan"
@@ -209,21 +223,33 @@ def _train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- which checkpoint, if any, and how much of it carries over ------------------------------
+    # Everything above only read; from here on the run writes, so it holds output_dir alone.
+    lock.enter_context(output_lock(out, rank))
+    check_output_dir(out, checkpoint_bytes(model, n_trainable))  # the run lock created `out`
     clean_partial(ckpt_root)
+    existing = list_checkpoints(ckpt_root)
     if resume == "never":
-        if list_checkpoints(ckpt_root):
+        if existing:
             raise ResumeError(
                 f"--resume never, but {ckpt_root} holds checkpoints; use another output_dir or --resume auto"
             )
         candidates: list[CheckpointInfo] = []
+    elif resume == "restart":
+        moved = set_aside(existing, "replaced")
+        if moved and rank == 0:
+            print(f"--resume restart: {len(moved)} checkpoints set aside as {ckpt_root}/.replaced-step_*")
+        candidates = []
     else:
         explicit = None if resume == "auto" else resume
         candidates = pick_checkpoint(ckpt_root, t.checkpoint_checksums, explicit=explicit)
+        if existing and not candidates:
+            raise none_usable(existing, "fail their checks")
     modes = [
-        _resume_mode(c, world, plan_json, stage, allow_plan_change, allow_world_size_change)
+        resume_mode(c, world, plan_json, stage, allow_plan_change, allow_world_size_change)
         for c in candidates[:1]
     ]
     chosen = candidates[0] if candidates else None
+    changes = check_schedule(chosen, recipe, allow_schedule_change, rank) if chosen is not None else []
     if chosen is not None and modes[0] == "weights":
         missing = load_weights(model, consolidated_state_dict(chosen.path), strict=not allow_plan_change)
         if missing and rank == 0:
@@ -232,9 +258,8 @@ def _train(
             )
 
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        recipe.save(out / "recipe.yaml")
-        (out / "plan.json").write_text(plan_json + "\n")
+        write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+        write_text_atomic(out / "plan.json", plan_json + "\n")
     import deepspeed
 
     optimizer = build_optimizer(model, t)
@@ -246,10 +271,25 @@ def _train(
         while chosen is not None and not load_engine_state(engine, chosen):
             candidates = candidates[1:]
             chosen = candidates[0] if candidates else None
-            if chosen is not None and _resume_mode(chosen, world, plan_json, stage, False, False) != "full":
+            if chosen is not None and resume_mode(chosen, world, plan_json, stage, False, False) != "full":
                 raise ResumeError(
                     f"the newest loadable checkpoint {chosen.path} needs a weights-only resume; start that explicitly"
                 )
+            if chosen is not None:
+                changes = check_schedule(chosen, recipe, allow_schedule_change, rank)
+        if chosen is None:
+            # the engine holds whatever a failed load left in it: stop rather than train from that
+            raise none_usable(existing, "do not load")
+    if chosen is not None:
+        # checkpoints after the one resumed belong to a timeline that is being redone: keep them on
+        # disk, but out of the way of resume and of keep-last rotation
+        newer = [p for p in existing if int(p.name[5:]) > chosen.step]
+        moved = set_aside(newer, "unused")
+        if moved and rank == 0:
+            warnings.warn(
+                f"resuming from {chosen.path}: the newer checkpoints were set aside as {[str(m) for m in moved]}",
+                stacklevel=2,
+            )
 
     loader = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=micro)
     step = tokens_seen = 0
@@ -257,11 +297,18 @@ def _train(
         _seed(t.seed + rank)
     else:
         step, tokens_seen = chosen.step, chosen.tokens_seen
-        if modes[0] == "weights":
+        if modes[0] == "weights" or changes:
             scheduler.last_epoch = step
+            scheduler.base_lrs = [t.lr for _ in scheduler.base_lrs]  # a changed train.lr applies from here
             for g, base in zip(engine.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                g["initial_lr"] = base
                 g["lr"] = base * lr_factor(step, t.warmup_steps, total_steps, t.min_lr_ratio)
-        if chosen.world_size == world:
+        if any(k.startswith("data.") for k, _, _ in changes):
+            _seed(t.seed + rank + step)
+            warnings.warn(
+                "data settings changed: the data streams start again from their beginning", stacklevel=2
+            )
+        elif chosen.world_size == world:
             loader.load_state_dict(load_rank_state(chosen.path, rank))  # restores the RNG states too
         else:
             _seed(t.seed + rank + step)
@@ -288,6 +335,7 @@ def _train(
         engine,
         loader,
         evals,
+        precision=precision,
         rank=rank,
         world=world,
         device=device,
@@ -335,6 +383,8 @@ class _Loop:
         for k, v in kw.items():
             setattr(self, k, v)
         self.out = Path(recipe.output_dir)
+        self.last_saved: Path | None = None
+        self.bad_steps = 0
         self.writer = None
         self.trace = None
         if recipe.data.trace:
@@ -360,12 +410,14 @@ class _Loop:
                 f"global batch {self.global_batch} x {self.recipe.data.seq_len} tokens, world size {self.world}"
             )
         result = TrainResult(self.out, step, tokens_seen)
+        self.last_saved = checkpoint
         bar = tqdm(
             total=self.total_steps, initial=step, disable=self.rank != 0, desc="train", dynamic_ncols=True
         )
         window_t, window_tokens = time.perf_counter(), 0
         saved_at = step if checkpoint is not None else None
         result.checkpoint = checkpoint
+        self.bad_steps = 0
         engine.train()
         with _StopRequest() as stop:
             while step < self.total_steps:
@@ -374,6 +426,7 @@ class _Loop:
                 tokens_seen += self.global_batch * self.recipe.data.seq_len
                 window_tokens += self.global_batch * self.recipe.data.seq_len
                 result.last_loss = float(flags[0]) / self.world
+                self._check_finite(step, result.last_loss, result.checkpoint)
                 stopping = bool(flags[1] > 0)
                 bar.update(1)
                 if step % t.log_every == 0 or step == self.total_steps:
@@ -395,6 +448,33 @@ class _Loop:
             result.checkpoint = self._save(step, tokens_seen)
         result.step, result.tokens_seen = step, tokens_seen
         return result
+
+    def _check_finite(self, step: int, loss: float, last: Path | None) -> None:
+        """Raise TrainingDiverged when the loss or gradient norm stopped being finite (same on every rank).
+
+        Under fp16, DeepSpeed's loss scaler skips steps whose gradients overflow and lowers the
+        scale: normal, unless ``train.max_skipped_steps`` such steps come in a row. In bf16 / fp32
+        an overflow-skipped step already means the gradients are not finite.
+        """
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else 0.0
+        bad = not math.isfinite(loss) or not math.isfinite(gn) or not self.engine.was_step_applied()
+        self.bad_steps = self.bad_steps + 1 if bad else 0
+        limit = self.t.max_skipped_steps if self.precision == "fp16" else 0
+        if self.bad_steps > limit:
+            self._diverged(step, f"the loss is {loss:.4g} and the gradient norm {gn:.4g}", last)
+
+    def _diverged(self, step: int, what: str, last: Path | None) -> None:
+        kept = (
+            f"the newest checkpoint, {last}, is from before it"
+            if last is not None
+            else "no checkpoint was written"
+        )
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what} ({self.bad_steps} bad steps in a row). The run stopped "
+            f"without saving this state; {kept}. To continue: {divergence_advice(self.precision)}, then run again "
+            "(a resume from the last good checkpoint with a new train.lr / warmup needs --allow-schedule-change)"
+        )
 
     def train_step(self, step: int, stop: _StopRequest | None = None) -> torch.Tensor:
         """One optimizer step (`accum` micro-batches) numbered `step`; `stop` is read after the step.
@@ -463,7 +543,12 @@ class _Loop:
         return loss
 
     def _save(self, step: int, tokens_seen: int) -> Path:
-        return save_checkpoint(
+        # parameters can be non-finite while the loss still is (an inf weight the softmax hides);
+        # such a state must never become the newest checkpoint
+        if not _all_true(params_finite(self.engine.module)):
+            self.bad_steps += 1
+            self._diverged(step, "a trained parameter is not finite", self.last_saved)
+        self.last_saved = save_checkpoint(
             self.engine,
             self.out / "checkpoints",
             step=step,
@@ -475,3 +560,4 @@ class _Loop:
             keep_last=self.t.keep_last,
             checksums=self.t.checkpoint_checksums,
         )
+        return self.last_saved

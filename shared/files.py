@@ -1,0 +1,59 @@
+"""Files the toolkit writes for the user: atomic text writes and the user's normal permissions.
+
+A run directory must never hold a half-written ``recipe.yaml``, ``plan.json`` or step result: a
+process killed mid-write would leave a file a restarted run reads back as the truth. Text goes to
+a ``.part`` file beside the target, is synced, and replaces the target with one rename.
+
+Directories made with ``tempfile.mkdtemp`` are mode 0700 (files from ``mkstemp`` 0600) whatever
+the user's umask; a result the user will share or serve (``final/``, an exported model) gets the
+permissions a plain ``mkdir`` / ``open`` would have given it (``apply_user_mode``).
+
+Importing this module loads no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` so that a reader sees either the old file or the whole new one.
+
+    Args:
+        path: the target file (its directory must exist).
+        text: the content.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_user_mode(root: str | Path) -> None:
+    """Give `root` and everything under it the modes a plain mkdir / open would give (0777 / 0666 & ~umask).
+
+    Args:
+        root: a directory (typically from ``tempfile.mkdtemp``) or a file.
+    """
+    mask = _umask()
+    root = Path(root)
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, dir_mode if p.is_dir() else file_mode)
