@@ -48,9 +48,9 @@ class CalibrationSection(Section):
     pack: bool = Field(
         False,
         description="false: one document per sequence, truncated to seq_len (MiniPile documents are long); "
-        "true: documents joined into full seq_len windows (for short-line corpora such as WikiText).",
+        "true: documents joined into full seq_len windows (for short-line corpora such as WikiText). BOS and "
+        "EOS follow the recipe's text: rule, as in training and evaluation.",
     )
-    add_bos: bool = Field(True, description="Put the tokenizer's BOS token before every sequence.")
 
 
 class SelectionSection(Section):

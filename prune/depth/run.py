@@ -105,6 +105,7 @@ def run_settings(recipe: PruneRecipe, n_removed: int) -> dict[str, Any]:
         "prune.ratio_rule": p.ratio_rule,
         "n_removed": n_removed,
         "prune.metric": p.metric,
+        "text": recipe.text.model_dump(mode="json"),
         "prune.calibration": {
             **p.calibration.model_dump(mode="json", exclude={"stream"}),
             "stream": calibration_stream(recipe).model_dump(mode="json"),
@@ -260,6 +261,11 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
 
     ppl = StartPerplexity(recipe, tokenizer)
     summary = PruneSummary(removed, dict(sel.picks) if sel else {}, plans)
+    summary.texts = {
+        "text rule": ppl.rule.to_dict(),
+        "importance measured on": imp.extra.get("text", {}).get("described", "(not recorded)"),
+        "start perplexities measured on": ppl.text,
+    }
     src_ppl = ppl.measure("unpruned", source.get, rd.source_ppl, log)
     summary.source = {
         "path": recipe.model.source,

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from flexigpt.shared.recipe import BaseRecipe, RecipeError
+from flexigpt.shared.text import describe_stream, describe_text, resolve_text_rule
 from flexigpt.shared.train.components import (
     DTYPES,
     PRECISION_DTYPE,
@@ -190,6 +191,9 @@ def _train(
 
     _seed(t.seed)  # identical on every rank: the model (and its adapter init) must be too
     tokenizer = load_tokenizer(recipe.model)
+    text = resolve_text_rule(recipe.text, tokenizer)
+    # the saved recipe (and every checkpoint's) records the rule as applied, not "follow the tokenizer"
+    recipe = recipe.model_copy(update={"text": text.section()})
     dtype = DTYPES[PRECISION_DTYPE[precision] if recipe.model.dtype == "auto" else recipe.model.dtype]
     if model is None:
         model = build_model(recipe.model, dtype)
@@ -251,7 +255,7 @@ def _train(
                     f"the newest loadable checkpoint {chosen.path} needs a weights-only resume; start that explicitly"
                 )
 
-    loader = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=micro)
+    loader = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=micro, text=text)
     step = tokens_seen = 0
     if chosen is None:
         _seed(t.seed + rank)
@@ -278,7 +282,7 @@ def _train(
             rank=rank,
             world_size=world,
             micro_batch=micro,
-            add_bos=recipe.data.add_bos,
+            text=text,
         )
         if recipe.data.eval is not None
         else []
@@ -299,6 +303,11 @@ def _train(
         flops_per_token=fpt,
         peak=peak_flops(t, device, precision),
         n_trainable=n_trainable,
+        # the training eval's perplexity is not comparable to another without its text and windows
+        eval_text=describe_text(describe_stream(recipe.data.eval), text, len(evals) * micro * seq_len * world)
+        + f", disjoint windows of {seq_len}"
+        if recipe.data.eval is not None
+        else "",
     )
     try:
         # a checkpoint loaded whole already holds this step; one loaded as weights only does not
@@ -459,7 +468,9 @@ class _Loop:
             self.writer.add_scalar("eval/ppl", float(np.exp(min(loss, 50.0))), step)
             self.writer.flush()
         if self.rank == 0:
-            tqdm.write(f"step {step}: eval loss {loss:.4f} (ppl {np.exp(min(loss, 50.0)):.2f})")
+            tqdm.write(
+                f"step {step}: eval loss {loss:.4f} (ppl {np.exp(min(loss, 50.0)):.2f} on {self.eval_text})"
+            )
         return loss
 
     def _save(self, step: int, tokens_seen: int) -> Path:

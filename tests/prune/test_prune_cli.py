@@ -194,7 +194,18 @@ def test_prune_builds_measures_trains_resumes_and_refuses(prune_workspace, tmp_p
             out / v / "initial"
         )
         assert (out / v / "final" / "model.safetensors").is_file()
+        # the trained run's recipe records the text rule as applied (the tokenizer's, both values set)
+        assert yaml.safe_load((out / v / "recipe.yaml").read_text())["text"] == {
+            "bos": False,
+            "eos_between_docs": True,
+        }
     assert not (out / "shortgpt" / "checkpoints").exists()
+    # the summary says by which rule and on which text every figure was measured
+    texts = summary["texts"]
+    assert texts["text rule"]["eos_between_docs"] and texts["text rule"]["decided_by"] == "tokenizer"
+    assert "packed windows" in texts["importance measured on"]
+    assert "text rule doc + EOS" in texts["start perplexities measured on"]
+    assert f"on {texts['start perplexities measured on']}" in text
     final = load_file(out / "flexigpt" / "final" / "model.safetensors")
 
     # run again after losing the last checkpoint: nothing is recomputed, training resumes at step 2
