@@ -51,6 +51,17 @@ class CalibrationSection(Section):
         "true: documents joined into full seq_len windows (for short-line corpora such as WikiText). BOS and "
         "EOS follow the recipe's text: rule, as in training and evaluation.",
     )
+    gamma_stream: StreamSection | None = Field(
+        None,
+        description="Where replace.gamma: calibrate chooses gamma; null: the calibration stream. Either way, "
+        "documents that are part of the start-perplexity text (prune.perplexity or data.eval) are skipped, so "
+        "gamma is never chosen on the text it is then judged on. When the calibration stream is the "
+        "perplexity text (the 7B recipes calibrate importance on MiniPile validation and report on it), name "
+        "another split here.",
+    )
+    gamma_samples: int | None = Field(
+        None, ge=1, description="Sequences of the gamma text (cut as for importance); null: num_samples."
+    )
 
 
 class SelectionSection(Section):

@@ -142,6 +142,75 @@ def calibration_tensors(
     )
 
 
+def gamma_tensors(
+    recipe: PruneRecipe, tokenizer: Any, max_positions: int | None, held_out: list[str]
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The samples ``gamma: calibrate`` chooses on: the gamma stream without the evaluation's documents.
+
+    A document of ``prune.calibration.gamma_stream`` (null: the calibration stream) is skipped when
+    it is, or is part of, one of the `held_out` documents (those the start perplexities are
+    measured on; a ``.txt`` file is one document there, so its paragraphs count as part of it).
+
+    Args:
+        recipe: the prune recipe.
+        tokenizer: its tokenizer.
+        max_positions: the model's position limit (the window length must fit).
+        held_out: the documents of the start-perplexity text (``StartPerplexity.documents``).
+
+    Returns:
+        The samples, and a record of their text: which stream, how many documents were skipped.
+
+    Raises:
+        PruneError: seq_len beyond the model's positions, or no document left after skipping.
+    """
+    c = recipe.prune.calibration
+    if max_positions is not None and c.seq_len > max_positions:
+        raise PruneError(
+            f"prune.calibration.seq_len={c.seq_len} exceeds the model's max_position_embeddings "
+            f"({max_positions}); allowed 2..{max_positions}"
+        )
+    stream = c.gamma_stream or calibration_stream(recipe)
+    key = "prune.calibration.gamma_stream" if c.gamma_stream else "prune.calibration.stream (gamma text)"
+    whole = set(held_out)
+    joined = "\x00".join(held_out)
+    skipped = [0]
+
+    def kept() -> Iterator[str]:
+        for doc in stream_documents(stream):
+            if doc in whole or (doc.strip() and doc.strip() in joined):
+                skipped[0] += 1
+                continue
+            yield doc
+
+    rule = text_rule(recipe, tokenizer)
+    n = c.gamma_samples or c.num_samples
+    with named_errors(key):
+        samples = list(
+            calibration_samples(
+                kept(),
+                lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+                num_samples=n,
+                seq_len=c.seq_len,
+                pack=c.pack,
+                text=rule,
+            )
+        )
+    if not samples:
+        raise PruneError(
+            f"{key}: every document is part of the start-perplexity text ({skipped[0]} skipped), so gamma would "
+            "be chosen on the text it is judged on; set prune.calibration.gamma_stream to another split or files"
+        )
+    how = f"{len(samples)} {'packed windows' if c.pack else 'documents'} of <= {c.seq_len} tokens"
+    info = {
+        "described": f"{describe_stream(stream)}, {how}, text rule {rule.summary()}, without the "
+        f"{skipped[0]} documents that are part of the start-perplexity text",
+        "stream": stream.model_dump(mode="json"),
+        "samples": len(samples),
+        "documents_skipped": skipped[0],
+    }
+    return samples, info
+
+
 def _calibration_text(recipe: PruneRecipe, rule: TextRule) -> str:
     c = recipe.prune.calibration
     how = f"{c.num_samples} {'packed windows' if c.pack else 'documents'} of <= {c.seq_len} tokens"

@@ -108,3 +108,39 @@ def test_packed_calibration_windows_without_a_rule_keep_their_own_bos():
     assert [w.tolist() for w in windows] == [[[1, *encode("abc")]], [[2, 1, *encode("de")]]]
     with pytest.raises(ValueError, match="bos_id"):
         list(calibration_samples(["abc"], encode, num_samples=1, seq_len=4, text=rule, bos_id=1))
+
+
+def _ngrams(ids: list[int], n: int, eos: int) -> set[tuple[int, ...]]:
+    """Every n tokens in a row that stay inside one document (no EOS among them)."""
+    return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1) if eos not in ids[i : i + n]}
+
+
+def test_gamma_text_is_disjoint_from_the_start_perplexity_text(prune_workspace, tmp_path):
+    from flexigpt.prune.depth.build import PruneError
+    from flexigpt.prune.depth.steps import StartPerplexity, gamma_tensors
+
+    ws = prune_workspace
+    # calibration, gamma and perplexity all read the same corpus: only skipping keeps them apart
+    recipe = _recipe(ws, tmp_path / "r", "prune.replace.gamma=calibrate", "prune.calibration.gamma_samples=6")
+    tok = AutoTokenizer.from_pretrained(ws["tok"])
+    ppl = StartPerplexity(recipe, tok)
+    eval_ids = ppl.tokens().tolist()
+    assert len(ppl.documents) >= 3
+    samples, info = gamma_tensors(recipe, tok, None, ppl.documents)
+    assert len(samples) == info["samples"] == 6 and info["documents_skipped"] == len(ppl.documents)
+    assert "without the" in info["described"]
+    eval_grams = _ngrams(eval_ids, 12, tok.eos_token_id)
+    for s in samples:
+        assert not _ngrams(s[0].tolist(), 12, tok.eos_token_id) & eval_grams
+    # the check can fail: the importance windows, read from the start of the same stream, overlap it
+    overlap = [
+        _ngrams(s[0].tolist(), 12, tok.eos_token_id) & eval_grams
+        for s in calibration_tensors(recipe, tok, None)
+    ]
+    assert any(overlap)
+    # a gamma text with nothing outside the perplexity text is refused, naming the key to set
+    greedy = _recipe(ws, tmp_path / "g", "prune.replace.gamma=calibrate", "data.eval.batches=400")
+    ppl = StartPerplexity(greedy, tok)
+    ppl.tokens()
+    with pytest.raises(PruneError, match=r"gamma_stream to another split"):
+        gamma_tensors(greedy, tok, None, ppl.documents)
