@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from flexigpt.shared.text import describe_stream, describe_text, resolve_text_ru
 from flexigpt.shared.train.components import (
     DTYPES,
     PRECISION_DTYPE,
+    Throughput,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -372,7 +372,7 @@ class _Loop:
         bar = tqdm(
             total=self.total_steps, initial=step, disable=self.rank != 0, desc="train", dynamic_ncols=True
         )
-        window_t, window_tokens = time.perf_counter(), 0
+        window = Throughput()  # tokens/s of training steps: evaluations and checkpoints are paused out
         saved_at = step if checkpoint is not None else None
         result.checkpoint = checkpoint
         engine.train()
@@ -381,18 +381,19 @@ class _Loop:
                 flags = self.train_step(step + 1, stop)
                 step += 1
                 tokens_seen += self.global_batch * self.recipe.data.seq_len
-                window_tokens += self.global_batch * self.recipe.data.seq_len
+                window.tokens += self.global_batch * self.recipe.data.seq_len
                 result.last_loss = float(flags[0]) / self.world
                 stopping = bool(flags[1] > 0)
                 bar.update(1)
                 if step % t.log_every == 0 or step == self.total_steps:
-                    dt = time.perf_counter() - window_t
-                    self._log(step, tokens_seen, result.last_loss, window_tokens / max(dt, 1e-9), bar)
-                    window_t, window_tokens = time.perf_counter(), 0
+                    self._log(step, tokens_seen, result.last_loss, window.rate(), bar)
+                    window.restart()
                 if self.evals and t.eval_every and step % t.eval_every == 0:
-                    result.eval_loss = self._evaluate(step)
+                    with window.paused():
+                        result.eval_loss = self._evaluate(step)
                 if step % t.checkpoint_every == 0 or step == self.total_steps or stopping:
-                    result.checkpoint = self._save(step, tokens_seen)
+                    with window.paused():
+                        result.checkpoint = self._save(step, tokens_seen)
                     saved_at = step
                 if stopping:
                     result.interrupted_by = stop.signum or signal.SIGTERM
