@@ -169,7 +169,6 @@ def step_prune(ctx: Context) -> dict[str, Any]:
             "num_samples": s.calibration_samples,
             "seq_len": s.seq_len,
             "pack": True,
-            "add_bos": False,
         },
         # r = the adapter rank, as in the paper (both 256 there); every pair for a full heatmap
         "selection": {"rank": s.adapter_rank, "all_pairs": True},

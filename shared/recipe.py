@@ -87,6 +87,27 @@ class ModelSection(Section):
     )
 
 
+# ---------------------------------------------------------------------------------------- text
+class TextSection(Section):
+    """How documents become tokens, for every stream of a run: training, evaluation, calibration, perplexity.
+
+    Every document is tokenised without special tokens, then gets BOS before it and EOS after it
+    as this section says; packed streams cut the result into windows. Null values follow the
+    tokenizer, so one recipe gives the same text to every step that reads it.
+    """
+
+    bos: bool | None = Field(
+        None,
+        description="Put the tokenizer's BOS token before every document; null: what the tokenizer itself "
+        "does when it encodes a text (its add_bos_token).",
+    )
+    eos_between_docs: bool | None = Field(
+        None,
+        description="Put the tokenizer's EOS token between documents (after each one in a stream); null: true "
+        "when the tokenizer has an EOS token.",
+    )
+
+
 # ---------------------------------------------------------------------------------------- data
 class StreamSection(Section):
     """Where a text stream comes from."""
@@ -144,7 +165,9 @@ class EvalDataSection(StreamSection):
 class DataSection(StreamSection):
     """The training stream: tokenised, packed into fixed-length sequences, shuffled, sharded."""
 
-    seq_len: int = Field(2048, ge=8, description="Tokens per packed sequence (documents joined with EOS).")
+    seq_len: int = Field(
+        2048, ge=8, description="Tokens per packed sequence (documents joined by the `text:` rule)."
+    )
     shuffle_buffer: int = Field(
         1000,
         ge=0,
@@ -159,7 +182,6 @@ class DataSection(StreamSection):
         ge=1,
         description="Documents per tokeniser call (part of the stream position: keep it fixed on resume).",
     )
-    add_bos: bool = Field(False, description="Put the tokenizer's BOS token before every document.")
     trace: bool = Field(
         False, description="Append a fingerprint of every consumed training batch to data_trace.rank*.jsonl."
     )
@@ -311,6 +333,10 @@ class BaseRecipe(Section):
     model: ModelSection = Field(..., description="Starting model.")
     data: DataSection = Field(default_factory=DataSection, description="Training (and evaluation) data.")
     train: TrainSection = Field(..., description="Optimisation, batch, precision, logging, checkpoints.")
+    text: TextSection = Field(
+        default_factory=TextSection,
+        description="BOS / EOS rule of every text stream of the run (training, evaluation, calibration).",
+    )
     output_dir: str = Field(
         ..., description="Run directory: checkpoints/, tb/, final/, recipe.yaml, plan.json."
     )

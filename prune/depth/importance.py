@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.evaluate.perplexity import sample_perplexity, token_rows
+from flexigpt.shared.text import TextRule
 
 # One metric: (model, decoder layers, calibration samples, progress flag) -> (per-block scores, extras).
 MetricFn = Callable[
@@ -314,18 +315,23 @@ def calibration_samples(
     seq_len: int,
     pack: bool = True,
     bos_id: int | None = None,
+    text: TextRule | None = None,
 ) -> Iterator[torch.Tensor]:
     """Cut a text stream into calibration tensors of shape (1, T).
 
     Args:
-        texts: documents, e.g. ``(row["text"] for row in dataset)``; empty ones are skipped.
+        texts: documents, e.g. ``(row["text"] for row in dataset)``; empty ones are skipped (without `text`).
         encode: text -> token ids without special tokens (e.g. a sentencepiece ``encode``).
         num_samples: tensors to yield at most (fewer if the stream ends first).
         seq_len: tokens per tensor (including the BOS token when `bos_id` is given).
         pack: True concatenates documents and yields full windows of seq_len tokens (short
             documents such as WikiText lines fill a window together); False yields one tensor per
             document, truncated to seq_len (ShortGPT / MiniPile style).
-        bos_id: token prepended to every window (pack) or document (no pack); None for none.
+        bos_id: without `text`: a token put at the start of every window (pack) or document.
+        text: the run's text rule (``shared.text``): every document gets its BOS before and its
+            EOS after, and packed windows are plain cuts of that stream, exactly the windows the
+            training and evaluation streams make of the same documents. The prune command always
+            passes it; `bos_id` is then not allowed.
 
     Yields:
         LongTensor of shape (1, T), T == seq_len when packing.
@@ -337,14 +343,19 @@ def calibration_samples(
         raise ValueError(f"num_samples={num_samples}: must be >= 1")
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: must be >= 2")
+    if text is not None and bos_id is not None:
+        raise ValueError("bos_id: the text rule decides BOS; pass one of bos_id / text")
     prefix = [] if bos_id is None else [bos_id]
     body = seq_len - len(prefix)
     made = 0
     buf: list[int] = []
-    for text in texts:
-        if not text or not text.strip():
+    for doc in texts:
+        # under the text rule a document is one whatever it holds, as in the training stream
+        if text is None and (not doc or not doc.strip()):
             continue
-        ids = list(encode(text))
+        ids = list(encode(doc))
+        if text is not None:
+            ids = text.document(ids)
         if not pack:
             yield torch.tensor([prefix + ids[:body]], dtype=torch.long)
             made += 1

@@ -48,9 +48,20 @@ class CalibrationSection(Section):
     pack: bool = Field(
         False,
         description="false: one document per sequence, truncated to seq_len (MiniPile documents are long); "
-        "true: documents joined into full seq_len windows (for short-line corpora such as WikiText).",
+        "true: documents joined into full seq_len windows (for short-line corpora such as WikiText). BOS and "
+        "EOS follow the recipe's text: rule, as in training and evaluation.",
     )
-    add_bos: bool = Field(True, description="Put the tokenizer's BOS token before every sequence.")
+    gamma_stream: StreamSection | None = Field(
+        None,
+        description="Where replace.gamma: calibrate chooses gamma; null: the calibration stream. Either way, "
+        "documents that are part of the start-perplexity text (prune.perplexity or data.eval) are skipped, so "
+        "gamma is never chosen on the text it is then judged on. When the calibration stream is the "
+        "perplexity text (the 7B recipes calibrate importance on MiniPile validation and report on it), name "
+        "another split here.",
+    )
+    gamma_samples: int | None = Field(
+        None, ge=1, description="Sequences of the gamma text (cut as for importance); null: num_samples."
+    )
 
 
 class SelectionSection(Section):

@@ -42,9 +42,8 @@ from flexigpt.prune.depth.steps import (
     SourceModel,
     StartPerplexity,
     calibration_stream,
-    calibration_tensors,
+    gamma_tensors,
     importance_step,
-    named_errors,
     resolve_device,
     resolve_dtype,
     selection_step,
@@ -105,8 +104,10 @@ def run_settings(recipe: PruneRecipe, n_removed: int) -> dict[str, Any]:
         "prune.ratio_rule": p.ratio_rule,
         "n_removed": n_removed,
         "prune.metric": p.metric,
+        "text": recipe.text.model_dump(mode="json"),
         "prune.calibration": {
-            **p.calibration.model_dump(mode="json", exclude={"stream"}),
+            # the gamma text decides gamma only, which the plan records
+            **p.calibration.model_dump(mode="json", exclude={"stream", "gamma_stream", "gamma_samples"}),
             "stream": calibration_stream(recipe).model_dump(mode="json"),
         },
         # read_from only says where the same weights are read from
@@ -260,6 +261,12 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
 
     ppl = StartPerplexity(recipe, tokenizer)
     summary = PruneSummary(removed, dict(sel.picks) if sel else {}, plans)
+    summary.texts = {
+        "text rule": ppl.rule.to_dict(),
+        "importance measured on": imp.extra.get("text", {}).get("described", "(not recorded)"),
+        "start perplexities measured on": ppl.text,
+    }
+    gamma_file = rd.variant("flexigpt") / "gamma.json"
     src_ppl = ppl.measure("unpruned", source.get, rd.source_ppl, log)
     summary.source = {
         "path": recipe.model.source,
@@ -270,7 +277,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
         vdir = rd.variant(name)
         if states[name] == "fresh":
             log(f"[{name}] building {vdir / INITIAL}")
-            built, plans[name] = _build(recipe, config, rd, name, plans[name], sel, source, tokenizer, log)
+            built, plans[name] = _build(recipe, config, rd, name, plans[name], sel, source, ppl, log)
             get_model: Callable[[], Any] = lambda m=built: m  # noqa: E731
         else:
             log(f"[{name}] {vdir / INITIAL} and plan.json match this recipe: not rebuilt")
@@ -285,6 +292,9 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
             result.ppl,
             name in trained_variants(recipe),
         )
+    if "flexigpt" in p.variants and p.replace.gamma == "calibrate" and gamma_file.is_file():
+        text = json.loads(gamma_file.read_text()).get("text", {}).get("described", "(not recorded)")
+        summary.texts["gamma chosen on"] = text
     source.free()
     summary.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     write_summary(rd.summary, imp, summary)
@@ -300,13 +310,19 @@ def _log_plans(
     log: Callable,
 ) -> None:
     source = expected_trainable(Plan.identity(config.model_type, config.num_hidden_layers), config, "all")
+    r = recipe.prune.replace
     for name, plan in plans.items():
         stored = expected_trainable(plan, config, "all")
-        log(f"[{name}] {plan.summary()}")
+        # a plan still holding the placeholder gamma would be read as the model's: printed after calibration
+        pending = name == "flexigpt" and r.gamma == "calibrate" and states[name] == "fresh"
+        if not pending:
+            log(f"[{name}] {plan.summary()}")
         log(f"[{name}] stored parameters: {stored:,} = {stored / source:.2%} of the source's {source:,}")
-        r = recipe.prune.replace
-        if name == "flexigpt" and r.gamma == "calibrate" and states[name] == "fresh":
-            log(f"[{name}] gamma: calibrate (chosen from {r.gamma_candidates} once the model is built)")
+        if pending:
+            log(
+                f"[{name}] gamma: calibrate (chosen from {r.gamma_candidates} once the model is built; "
+                "its plan follows then)"
+            )
 
 
 def _build(
@@ -317,29 +333,37 @@ def _build(
     plan: Plan,
     sel: SelectionResult | None,
     source: SourceModel,
-    tokenizer: Any,
+    ppl: StartPerplexity,
     log: Callable,
 ) -> tuple[Any, Plan]:
-    """Build one variant from the loaded source, save ``initial/`` (and the plain export), then the plan."""
-    vdir = rd.variant(name)
+    """Build one variant from the loaded source, save ``initial/`` (and the plain export), then the plan.
+
+    With ``gamma: calibrate`` gamma is chosen on the gamma text, which holds none of the documents
+    the start perplexities (`ppl`) are measured on, and the plan is printed once it holds that gamma.
+    """
+    vdir, tokenizer = rd.variant(name), ppl.tokenizer
     model = build_variant(source.get(), plan, config, seed=recipe.train.seed)
     if name == "flexigpt" and recipe.prune.replace.gamma == "calibrate":
         r = recipe.prune.replace
-        with named_errors("prune.calibration"):
-            samples = list(
-                calibration_tensors(recipe, tokenizer, getattr(config, "max_position_embeddings", None))
-            )
+        ppl.tokens()  # reads the start-perplexity documents, which the gamma text must leave out
+        samples, text = gamma_tensors(
+            recipe, tokenizer, getattr(config, "max_position_embeddings", None), ppl.documents
+        )
         cal = calibrate_gamma(model, samples, candidates=r.gamma_candidates, rule=r.gamma_rule)
         vdir.mkdir(parents=True, exist_ok=True)
         (vdir / "gamma.json").write_text(
-            json.dumps({"gamma": cal.gamma, "target_ppl": cal.target_ppl, "table": cal.table}, indent=1)
+            json.dumps(
+                {"gamma": cal.gamma, "target_ppl": cal.target_ppl, "table": cal.table, "text": text}, indent=1
+            )
             + "\n"
         )
         log(
-            f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.4g}; tried {cal.table})"
+            f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.4g}; tried {cal.table}) "
+            f"on {text['described']}"
         )
         plan = variant_plan(recipe, config, name, list(plan.removed_blocks), sel, cal)
         model.plan = plan  # only gamma's initial value differs, and calibrate_gamma left it in the model
+        log(f"[{name}] {plan.summary()}")
     save_compact(model, vdir / INITIAL, tokenizer=tokenizer)
     if name == "shortgpt":
         export_plain(model, vdir / PLAIN, tokenizer=tokenizer)

@@ -35,7 +35,8 @@ from flexigpt.shared.evaluate.perplexity import (
     perplexity,
     stream_documents,
 )
-from flexigpt.shared.recipe import StreamSection
+from flexigpt.shared.recipe import RecipeError, StreamSection
+from flexigpt.shared.text import TextRule, describe_stream, describe_text, resolve_text_rule
 from flexigpt.shared.train.components import DTYPES, PRECISION_DTYPE
 from flexigpt.shared.train.data import DataError
 from flexigpt.shared.train.ds_config import resolve_precision
@@ -92,6 +93,18 @@ class SourceModel:
 
 
 # ------------------------------------------------------------------------------------ calibration
+def text_rule(recipe: PruneRecipe, tokenizer: Any) -> TextRule:
+    """The recipe's text rule for this tokenizer (``text:``, else the tokenizer's own).
+
+    Raises:
+        PruneError: ``text:`` asks for a BOS or EOS token the tokenizer does not have.
+    """
+    try:
+        return resolve_text_rule(recipe.text, tokenizer)
+    except RecipeError as e:
+        raise PruneError(str(e)) from e
+
+
 def calibration_stream(recipe: PruneRecipe) -> StreamSection:
     """``prune.calibration.stream``, or the data section's stream when it is null."""
     c = recipe.prune.calibration.stream
@@ -105,8 +118,11 @@ def calibration_tensors(
 ) -> Iterator[torch.Tensor]:
     """The calibration samples of the recipe, (1, T) token tensors read lazily from the stream.
 
+    Documents become tokens by the recipe's text rule, so a packed window is the window the
+    training or evaluation stream would make of the same documents.
+
     Raises:
-        PruneError: seq_len beyond the model's positions, or add_bos without a BOS token.
+        PruneError: seq_len beyond the model's positions, or a text rule the tokenizer cannot follow.
     """
     c = recipe.prune.calibration
     if max_positions is not None and c.seq_len > max_positions:
@@ -114,8 +130,7 @@ def calibration_tensors(
             f"prune.calibration.seq_len={c.seq_len} exceeds the model's max_position_embeddings "
             f"({max_positions}); allowed 2..{max_positions}"
         )
-    if c.add_bos and tokenizer.bos_token_id is None:
-        raise PruneError("prune.calibration.add_bos=true but the tokenizer has no BOS token; set it to false")
+    rule = text_rule(recipe, tokenizer)
     texts = stream_documents(calibration_stream(recipe))
     return calibration_samples(
         texts,
@@ -123,8 +138,83 @@ def calibration_tensors(
         num_samples=c.num_samples,
         seq_len=c.seq_len,
         pack=c.pack,
-        bos_id=tokenizer.bos_token_id if c.add_bos else None,
+        text=rule,
     )
+
+
+def gamma_tensors(
+    recipe: PruneRecipe, tokenizer: Any, max_positions: int | None, held_out: list[str]
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The samples ``gamma: calibrate`` chooses on: the gamma stream without the evaluation's documents.
+
+    A document of ``prune.calibration.gamma_stream`` (null: the calibration stream) is skipped when
+    it is, or is part of, one of the `held_out` documents (those the start perplexities are
+    measured on; a ``.txt`` file is one document there, so its paragraphs count as part of it).
+
+    Args:
+        recipe: the prune recipe.
+        tokenizer: its tokenizer.
+        max_positions: the model's position limit (the window length must fit).
+        held_out: the documents of the start-perplexity text (``StartPerplexity.documents``).
+
+    Returns:
+        The samples, and a record of their text: which stream, how many documents were skipped.
+
+    Raises:
+        PruneError: seq_len beyond the model's positions, or no document left after skipping.
+    """
+    c = recipe.prune.calibration
+    if max_positions is not None and c.seq_len > max_positions:
+        raise PruneError(
+            f"prune.calibration.seq_len={c.seq_len} exceeds the model's max_position_embeddings "
+            f"({max_positions}); allowed 2..{max_positions}"
+        )
+    stream = c.gamma_stream or calibration_stream(recipe)
+    key = "prune.calibration.gamma_stream" if c.gamma_stream else "prune.calibration.stream (gamma text)"
+    whole = set(held_out)
+    joined = "\x00".join(held_out)
+    skipped = [0]
+
+    def kept() -> Iterator[str]:
+        for doc in stream_documents(stream):
+            if doc in whole or (doc.strip() and doc.strip() in joined):
+                skipped[0] += 1
+                continue
+            yield doc
+
+    rule = text_rule(recipe, tokenizer)
+    n = c.gamma_samples or c.num_samples
+    with named_errors(key):
+        samples = list(
+            calibration_samples(
+                kept(),
+                lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+                num_samples=n,
+                seq_len=c.seq_len,
+                pack=c.pack,
+                text=rule,
+            )
+        )
+    if not samples:
+        raise PruneError(
+            f"{key}: every document is part of the start-perplexity text ({skipped[0]} skipped), so gamma would "
+            "be chosen on the text it is judged on; set prune.calibration.gamma_stream to another split or files"
+        )
+    how = f"{len(samples)} {'packed windows' if c.pack else 'documents'} of <= {c.seq_len} tokens"
+    info = {
+        "described": f"{describe_stream(stream)}, {how}, text rule {rule.summary()}, without the "
+        f"{skipped[0]} documents that are part of the start-perplexity text",
+        "stream": stream.model_dump(mode="json"),
+        "samples": len(samples),
+        "documents_skipped": skipped[0],
+    }
+    return samples, info
+
+
+def _calibration_text(recipe: PruneRecipe, rule: TextRule) -> str:
+    c = recipe.prune.calibration
+    how = f"{c.num_samples} {'packed windows' if c.pack else 'documents'} of <= {c.seq_len} tokens"
+    return f"{describe_stream(calibration_stream(recipe))}, {how}, text rule {rule.summary()}"
 
 
 @contextmanager
@@ -165,6 +255,8 @@ def importance_step(
         )
         result = compute_importance(model, samples, recipe.prune.metric, progress=True)
     result.extra["calibration"] = settings
+    rule = text_rule(recipe, tokenizer)
+    result.extra["text"] = {"rule": rule.to_dict(), "described": _calibration_text(recipe, rule)}
     result.save(path)
     log(
         f"importance: {result.metric} on {result.num_samples} samples ({result.num_tokens:,} tokens) -> {path}"
@@ -247,18 +339,27 @@ class StartPerplexity:
 
     def __init__(self, recipe: PruneRecipe, tokenizer: Any) -> None:
         self.recipe, self.tokenizer = recipe, tokenizer
+        self.rule = text_rule(recipe, tokenizer)
         self._tokens: torch.Tensor | None = None
+        self.documents: list[str] = []
+        """The documents the text was made of (filled by ``tokens``), to keep other texts apart from it."""
         pc, data = recipe.prune.perplexity, recipe.data
         if pc is not None:
             self.settings: dict[str, Any] = {"prune.perplexity": pc.model_dump(mode="json")}
+            source = f"files {pc.files}" if pc.files else describe_stream(pc.stream)
+            max_tokens = pc.max_tokens
         else:
             assert data.eval is not None  # the recipe validator asks for one of the two
+            max_tokens = self._eval_tokens()
             self.settings = {
                 "data.eval": data.eval.model_dump(mode="json"),
-                "max_tokens": self._eval_tokens(),
+                "max_tokens": max_tokens,
                 "context_len": data.seq_len,
-                "add_bos": data.add_bos,
             }
+            source = describe_stream(data.eval)
+        self.settings["text"] = self.rule.to_dict()
+        self.text = describe_text(source, self.rule, max_tokens)
+        """Which text the start perplexities are measured on, in words."""
 
     def _eval_tokens(self) -> int:
         r = self.recipe
@@ -271,16 +372,23 @@ class StartPerplexity:
             if pc is not None:
                 key = "prune.perplexity"
                 docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
-                max_tokens, add_bos = pc.max_tokens, pc.add_bos
+                max_tokens = pc.max_tokens
             else:
                 assert data.eval is not None
                 key = "data.eval"
                 docs = stream_documents(
                     StreamSection(**{k: getattr(data.eval, k) for k in StreamSection.model_fields})
                 )
-                max_tokens, add_bos = self._eval_tokens(), data.add_bos
+                max_tokens = self._eval_tokens()
+            self.documents = []
             with named_errors(key, all_value_errors=True):
-                self._tokens = encode_documents(docs, self.tokenizer, max_tokens=max_tokens, add_bos=add_bos)
+                self._tokens = encode_documents(
+                    _recorded(docs, self.documents),
+                    self.tokenizer,
+                    max_tokens=max_tokens,
+                    add_bos=self.rule.bos,
+                    eos_between_docs=self.rule.eos_between_docs,
+                )
         return self._tokens
 
     def measure(
@@ -292,7 +400,7 @@ class StartPerplexity:
             saved = json.loads(path.read_text())
             if saved.get("settings") == self.settings:
                 result = PerplexityResult.from_dict(saved["result"])
-                log(f"start perplexity [{name}]: {result.ppl:.4g} (reusing {path})")
+                log(f"start perplexity [{name}]: {result.summary()} on {self.text} (reusing {path})")
                 return result
         model = get_model()
         pc = self.recipe.prune.perplexity
@@ -309,5 +417,12 @@ class StartPerplexity:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"settings": self.settings, "result": result.to_dict()}, indent=1) + "\n")
-        log(f"start perplexity [{name}]: {result.summary()}")
+        log(f"start perplexity [{name}]: {result.summary()} on {self.text}")
         return result
+
+
+def _recorded(docs: Iterator[str], into: list[str]) -> Iterator[str]:
+    """`docs`, appending every document read to `into` (what a text consumed, for disjointness checks)."""
+    for d in docs:
+        into.append(d)
+        yield d

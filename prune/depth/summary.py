@@ -35,6 +35,8 @@ class PruneSummary:
     """The unpruned model: path, layers, start perplexity."""
     peak_rss_mib: float = 0.0
     """Peak resident memory of the process up to the end of the pruning step (ru_maxrss)."""
+    texts: dict[str, Any] = field(default_factory=dict)
+    """The text rule and which text each figure came from (importance, gamma, start perplexity)."""
 
 
 def variant_entry(
@@ -65,6 +67,7 @@ def write_summary(path: Path, imp: ImportanceResult, s: PruneSummary) -> None:
         "removed": s.removed,
         "picks": {str(k): v for k, v in s.picks.items()},
         "importance": {"metric": imp.metric, "scores": imp.scores, "samples": imp.num_samples},
+        "texts": s.texts,
         "variants": s.variants,
         "peak_rss_mib": round(s.peak_rss_mib, 1),
         "peak_rss_note": "ru_maxrss of the process that ran this pruning step, up to its end (before training)",
@@ -88,5 +91,6 @@ def summary_table(s: PruneSummary) -> str:
     n = s.source["layers"]
     src = f"{source_params:>15,}" if source_params else f"{'':>15}"
     lines.insert(1, f"{'unpruned':<14} {n:>5} {n:>6} {src} {'100.00%':>9} {s.source['start_ppl']:>10.4g}")
+    lines += [f"{k}: {v}" for k, v in s.texts.items() if isinstance(v, str)]
     lines.append(f"peak resident memory of the pruning step: {s.peak_rss_mib:,.0f} MiB")
     return "\n".join(lines)

@@ -31,7 +31,13 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from flexigpt.shared.evaluate.zeroshot import PAPER_TASKS
-from flexigpt.shared.recipe import Section, StreamSection, describe_recipe, format_validation_error
+from flexigpt.shared.recipe import (
+    Section,
+    StreamSection,
+    TextSection,
+    describe_recipe,
+    format_validation_error,
+)
 
 
 class PerplexitySection(Section):
@@ -51,7 +57,6 @@ class PerplexitySection(Section):
         None, ge=1, description="Distance between window starts; null: context_len // 2."
     )
     batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
-    add_bos: bool = Field(False, description="Put BOS before every document.")
 
     @model_validator(mode="after")
     def _one_source(self) -> PerplexitySection:
@@ -110,6 +115,10 @@ class EvalConfig(Section):
     perplexity: PerplexitySection | None = Field(
         None, description="Perplexity settings; null: no perplexity."
     )
+    text: TextSection = Field(
+        default_factory=TextSection,
+        description="BOS / EOS rule of the perplexity text; null values follow each model's tokenizer.",
+    )
     zeroshot: ZeroShotSection | None = Field(
         default_factory=ZeroShotSection, description="Zero-shot; null: none."
     )
@@ -167,6 +176,7 @@ def _fingerprint(cfg: EvalConfig, path: str) -> str:
         "tokenizer": cfg.tokenizer,
         "dtype": cfg.dtype,
         "perplexity": cfg.perplexity.model_dump(mode="json") if cfg.perplexity else None,
+        "text": cfg.text.model_dump(mode="json"),
         "zeroshot": cfg.zeroshot.model_dump(mode="json") if cfg.zeroshot else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -200,13 +210,28 @@ def evaluate_variant(name: str, model: Any, tokenizer: Any, cfg: EvalConfig, pat
     )
     from flexigpt.shared.evaluate.report import Variant, describe_model
     from flexigpt.shared.evaluate.zeroshot import evaluate_zeroshot
+    from flexigpt.shared.text import describe_stream, describe_text, resolve_text_rule
 
     stored, slots, n_src, plan = describe_model(model)
     variant = Variant(name, path, stored, slots, n_src, plan=plan)
     if cfg.perplexity is not None:
         pc = cfg.perplexity
+        rule = resolve_text_rule(cfg.text, tokenizer)
         docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
-        ids = encode_documents(docs, tokenizer, max_tokens=pc.max_tokens, add_bos=pc.add_bos)
+        ids = encode_documents(
+            docs,
+            tokenizer,
+            max_tokens=pc.max_tokens,
+            add_bos=rule.bos,
+            eos_between_docs=rule.eos_between_docs,
+        )
+        source = f"files {pc.files}" if pc.files else describe_stream(pc.stream)
+        variant.extra["perplexity_text"] = {
+            "source": source,
+            "max_tokens": pc.max_tokens,
+            "rule": rule.to_dict(),
+            "described": describe_text(source, rule, pc.max_tokens),
+        }
         variant.perplexity = perplexity(
             model,
             ids,
@@ -215,7 +240,10 @@ def evaluate_variant(name: str, model: Any, tokenizer: Any, cfg: EvalConfig, pat
             batch_size=pc.batch_size,
             desc=f"{name} ppl",
         )
-        print(f"[{name}] {variant.perplexity.summary()}", flush=True)
+        print(
+            f"[{name}] {variant.perplexity.summary()} on {variant.extra['perplexity_text']['described']}",
+            flush=True,
+        )
     if cfg.zeroshot is not None:
         zc = cfg.zeroshot
         variant.zeroshot = evaluate_zeroshot(

@@ -314,15 +314,20 @@ def encode_documents(
     *,
     max_tokens: int | None = None,
     add_bos: bool = False,
+    eos_between_docs: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Tokenise documents into one stream: documents joined with EOS, optionally BOS before each.
+    """Tokenise documents into one stream by the text rule: BOS before each (optional), EOS between them.
+
+    Pass the run's ``shared.text.TextRule`` as ``add_bos=rule.bos, eos_between_docs=rule.eos_between_docs``
+    so the stream is the one the training and calibration streams would make of the same documents.
 
     Args:
         documents: texts, read lazily (reading stops once `max_tokens` are reached).
         tokenizer: a transformers tokenizer (EOS is needed only to join several documents).
         max_tokens: cut the stream to this many tokens; None: all of it.
         add_bos: put the tokenizer's BOS token before every document.
+        eos_between_docs: put the tokenizer's EOS token between documents (False: plain concatenation).
         progress: show a tqdm bar over documents.
 
     Returns:
@@ -338,7 +343,7 @@ def encode_documents(
         raise ValueError("add_bos=True but the tokenizer has no BOS token")
     out: list[int] = []
     for n, text in enumerate(tqdm(documents, desc="tokenising", unit="doc", disable=not progress)):
-        if n:
+        if n and eos_between_docs:
             if tokenizer.eos_token_id is None:
                 raise ValueError("several documents are joined with EOS, but the tokenizer has no EOS token")
             out.append(tokenizer.eos_token_id)

@@ -190,11 +190,19 @@ def markdown_report(variants: Sequence[Variant], plots: Mapping[str, str], notes
     """The whole markdown report: table, settings, slot maps and plot links."""
     out = ["# Evaluation report", "", markdown_table(variants), ""]
     ppl_settings = {
-        (v.perplexity.context_len, v.perplexity.stride, v.perplexity.tokens) for v in variants if v.perplexity
+        (
+            v.perplexity.context_len,
+            v.perplexity.stride,
+            v.perplexity.tokens,
+            v.extra.get("perplexity_text", {}).get("described"),
+        )
+        for v in variants
+        if v.perplexity
     }
     for v in variants:
         if v.perplexity:
-            out.append(f"- {v.name}: {v.perplexity.summary()}")
+            text = v.extra.get("perplexity_text", {}).get("described")
+            out.append(f"- {v.name}: {v.perplexity.summary()}" + (f" on {text}" if text else ""))
     if len(ppl_settings) > 1:
         out.append("- note: the variants' perplexities were measured with different settings or token counts")
     metrics = {(t, s.metric) for v in variants if v.zeroshot for t, s in v.zeroshot.scores.items()}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -174,19 +176,92 @@ def make_trainable(model: PreTrainedModel, rule: str, layers: list[int] | None =
     return count
 
 
-def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (matmul parameters, every slot counted) + attention (PaLM's count).
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs per token, by the work that is done (see ``flop_count``)."""
 
-    Parameters of a block shared by several slots are counted once per slot, since each slot runs
-    them. Embeddings are lookups and do not count; the LM head does.
+    forward: float
+    """2 x matrix parameters of every slot and the head, plus attention scores and values."""
+    activation_grad: float
+    """Gradients of the activations: slots from the lowest trainable one up, and the head."""
+    weight_grad: float
+    """Gradients of the trainable matrices (2 x their parameters, once per slot that runs them)."""
+    lowest_trainable_slot: int | None
+    """Where backward stops (None: no slot trains)."""
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.activation_grad + self.weight_grad
+
+
+def _matrix_numel(p: torch.Tensor) -> int:
+    # ZeRO-3 partitions parameters: their full shape / size live in ds_shape / ds_numel
+    return int(getattr(p, "ds_numel", p.numel())) if len(getattr(p, "ds_shape", p.shape)) >= 2 else 0
+
+
+def flop_count(model: PreTrainedModel, seq_len: int) -> FlopCount:
+    """Training FLOPs per token of a shared-block model under its current ``requires_grad`` flags.
+
+    With N_s the matrix parameters a slot runs (its block's linears, counted for every slot that
+    runs a shared block, plus its adapter factors), d = heads x head_dim and T = seq_len:
+
+    - forward: 2 N_s + 4 T d per slot, plus 2 x the head's parameters;
+    - activation gradients: 2 N_s + 8 T d for the lowest slot with a trainable parameter and every
+      slot above it (backward stops there), plus 2 x the head's parameters when anything trains;
+    - weight gradients: 2 x the trainable matrix parameters of each slot, and of the head if it trains.
+
+    With every parameter trainable this is PaLM's 6 N + 12 L T d. Norms, output norms and embedding
+    lookups are element-wise or gathers and are not counted; activation recomputation (gradient
+    checkpointing) is not counted either, as MFU is defined.
     """
     cfg = model.config
     layers = model.get_submodule("model.layers")
-    per_slot = sum(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in layers)
-    head = cfg.vocab_size * cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attn = 12 * len(layers) * cfg.num_attention_heads * head_dim * seq_len
-    return 6.0 * (per_slot + head) + attn
+    attn = seq_len * cfg.num_attention_heads * head_dim
+    head_w = model.get_output_embeddings().weight
+    head = _matrix_numel(head_w)
+    forward, act, weight = 2.0 * head, 0.0, 2.0 * head if head_w.requires_grad else 0.0
+    per_slot = []
+    for layer in layers:
+        params = list(layer.parameters())
+        n = sum(_matrix_numel(p) for p in params)
+        trained = sum(_matrix_numel(p) for p in params if p.requires_grad)
+        per_slot.append((n, any(p.requires_grad for p in params)))
+        forward += 2.0 * n + 4.0 * attn
+        weight += 2.0 * trained
+    lowest = next((i for i, (_, t) in enumerate(per_slot) if t), None)
+    if lowest is not None:
+        act = 2.0 * head + sum(2.0 * n + 8.0 * attn for n, _ in per_slot[lowest:])
+    return FlopCount(forward, act, weight, lowest)
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token by the work done (``flop_count(...).total``); the MFU numerator."""
+    return flop_count(model, seq_len).total
+
+
+class Throughput:
+    """Tokens per second of training alone: time spent in ``paused()`` (evaluation, checkpoints) is left out."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new window."""
+        self._start, self._paused, self.tokens = time.perf_counter(), 0.0, 0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, the clock of the window stops."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t0
+
+    def rate(self) -> float:
+        """Tokens per second of the window so far."""
+        return self.tokens / max(time.perf_counter() - self._start - self._paused, 1e-9)
 
 
 def peak_flops(train: TrainSection, device: torch.device, precision: str) -> float | None:

@@ -9,7 +9,8 @@ resumed run continues from it, without replaying the stream:
   streams* (``split_dataset_by_node``: whole files when their count allows, else every n-th
   document). ``IterableDataset.state_dict()`` is exact for such pipelines (no datasets shuffle).
 - **tokens**: documents are read ``tokenize_batch`` at a time (a *chunk*), tokenised in one call,
-  and joined with EOS after every document. A logical stream's position is the datasets state at
+  and joined by the run's text rule (``shared.text``: BOS before, EOS after every document, as
+  the rule says). A logical stream's position is the datasets state at
   the start of the chunk that holds its next unread token, plus that token's offset in the chunk;
   resuming re-reads and re-tokenises that one chunk (deterministic) and skips the offset.
 - **packing**: consecutive ``seq_len`` tokens form a sequence; documents flow across sequences.
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from flexigpt.shared.recipe import DataSection, EvalDataSection, StreamSection
+from flexigpt.shared.text import TextRule, resolve_text_rule
 
 STATE_FORMAT = 1
 _PACKET = 8  # sequences per message from a worker process
@@ -135,12 +137,12 @@ class PackedStream:
 
     Args:
         cfg: where the documents come from.
-        tokenizer: a transformers tokenizer with an EOS token.
+        tokenizer: a transformers tokenizer.
         seq_len: tokens per sequence.
         index: this stream's shard index (rank x workers + worker).
         count: number of logical streams (world size x workers).
         tokenize_batch: documents per tokeniser call (part of the position).
-        add_bos: put BOS before every document.
+        text: BOS / EOS around every document; None: the tokenizer's own rule (``resolve_text_rule``).
         loop: start a new epoch when the documents run out (False: raise StopIteration).
         state: a position from ``state_dict()`` to start at (default: the beginning).
     """
@@ -153,17 +155,15 @@ class PackedStream:
         index: int = 0,
         count: int = 1,
         tokenize_batch: int = 64,
-        add_bos: bool = False,
+        text: TextRule | None = None,
         loop: bool = True,
         state: dict[str, Any] | None = None,
     ) -> None:
-        if tokenizer.eos_token_id is None:
-            raise DataError("model.tokenizer has no EOS token; documents are joined with EOS")
-        if add_bos and tokenizer.bos_token_id is None:
-            raise DataError("data.add_bos=true but the tokenizer has no BOS token")
+        text = text or resolve_text_rule(None, tokenizer)
         self.cfg, self.seq_len, self.index, self.count = cfg, seq_len, index, count
         self.tokenize_batch, self.loop = tokenize_batch, loop
-        self._eos, self._bos = tokenizer.eos_token_id, tokenizer.bos_token_id if add_bos else None
+        self._eos = text.eos_id if text.eos_between_docs else None
+        self._bos = text.bos_id if text.bos else None
         self._encode = _encoder(tokenizer)
         state = state or {"chunk_start": {"epoch": 0, "ds": None}, "offset": 0}
         self._start(state["chunk_start"], int(state["offset"]))
@@ -217,7 +217,7 @@ class PackedStream:
             self._next_start = {"epoch": self.epoch, "ds": None}
             return self._read_chunk()
         ids = self._encode(docs)
-        extra = 1 + (self._bos is not None)
+        extra = (self._eos is not None) + (self._bos is not None)
         tokens = np.empty(sum(map(len, ids)) + extra * len(ids), dtype=np.int32)
         pos = 0
         for x in ids:
@@ -226,8 +226,9 @@ class PackedStream:
                 pos += 1
             tokens[pos : pos + len(x)] = x
             pos += len(x)
-            tokens[pos] = self._eos
-            pos += 1
+            if self._eos is not None:
+                tokens[pos] = self._eos
+                pos += 1
         self._chunks.append((start, tokens))
         self._available += len(tokens)
         self._next_start = {"epoch": self.epoch, "ds": self._ds.state_dict()}
@@ -257,7 +258,7 @@ class PackedStream:
 # ------------------------------------------------------------------------------------------ workers
 def _worker_main(args: tuple, out: mp.Queue, stop: Any) -> None:
     """Run one logical stream in a worker process; send (sequences, state after them) packets."""
-    cfg, tokenizer, seq_len, index, count, tokenize_batch, add_bos, state = args
+    cfg, tokenizer, seq_len, index, count, tokenize_batch, text, state = args
     torch.set_num_threads(1)
     parent = os.getppid()
     # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the training process turns
@@ -265,7 +266,7 @@ def _worker_main(args: tuple, out: mp.Queue, stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        stream = PackedStream(cfg, tokenizer, seq_len, index, count, tokenize_batch, add_bos, state=state)
+        stream = PackedStream(cfg, tokenizer, seq_len, index, count, tokenize_batch, text, state=state)
         while not stop.is_set():
             packet = np.stack([stream.next_sequence() for _ in range(_PACKET)])
             item = ("ok", packet, stream.state_dict())
@@ -324,24 +325,33 @@ class PackedLoader:
 
     Args:
         cfg: the data section (training stream, packing, shuffle, workers).
-        tokenizer: a transformers tokenizer with an EOS token.
+        tokenizer: a transformers tokenizer.
         rank: data-parallel rank.
         world_size: number of data-parallel ranks.
         micro_batch: sequences per batch.
+        text: BOS / EOS around every document; None: the tokenizer's own rule.
     """
 
     def __init__(
-        self, cfg: DataSection, tokenizer: Any, *, rank: int, world_size: int, micro_batch: int
+        self,
+        cfg: DataSection,
+        tokenizer: Any,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch: int,
+        text: TextRule | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} is out of range for world_size={world_size}")
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.text = text or resolve_text_rule(None, tokenizer)
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
         self.num_streams = max(1, cfg.num_workers)
         count = world_size * self.num_streams
         self._stream_ids = [rank * self.num_streams + w for w in range(self.num_streams)]
         self._args = [
-            (cfg, tokenizer, cfg.seq_len, i, count, cfg.tokenize_batch, cfg.add_bos) for i in self._stream_ids
+            (cfg, tokenizer, cfg.seq_len, i, count, cfg.tokenize_batch, self.text) for i in self._stream_ids
         ]
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, rank])))
         self._buffer = np.empty((cfg.shuffle_buffer, cfg.seq_len), dtype=np.int32)
@@ -416,7 +426,8 @@ class PackedLoader:
             "tokenize_batch": c.tokenize_batch,
             "shuffle_buffer": c.shuffle_buffer,
             "seed": c.seed,
-            "add_bos": c.add_bos,
+            "add_bos": self.text.bos,
+            "eos_between_docs": self.text.eos_between_docs,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -439,7 +450,7 @@ class PackedLoader:
 
         Raises:
             DataError: the state was saved with other settings that fix the position (world size,
-                workers, sequence length, tokenize batch, shuffle buffer, seed, BOS), or another rank.
+                workers, sequence length, tokenize batch, shuffle buffer, seed, text rule), or another rank.
         """
         if state.get("format") != STATE_FORMAT:
             raise DataError(
@@ -447,12 +458,18 @@ class PackedLoader:
             )
         if state["rank"] != self.rank:
             raise DataError(f"data state belongs to rank {state['rank']}, not rank {self.rank}")
-        names = {"num_streams": "data.num_workers", "world_size": "world size"}
+        names = {
+            "num_streams": "data.num_workers",
+            "world_size": "world size",
+            "add_bos": "text.bos",
+            "eos_between_docs": "text.eos_between_docs",
+        }
         for key, want in self._identity().items():
-            if state[key] != want:
+            # states saved before the text rule was recorded always joined documents with EOS
+            if state.get(key, True) != want:
                 raise DataError(
                     f"{names.get(key, 'data.' + key)}: the checkpoint's stream position was saved with "
-                    f"{key}={state[key]!r}, this run has {want!r}; the position cannot be carried over"
+                    f"{key}={state.get(key, True)!r}, this run has {want!r}; the position cannot be carried over"
                 )
         self.close()
         self._local = None
@@ -475,14 +492,16 @@ def eval_batches(
     rank: int,
     world_size: int,
     micro_batch: int,
-    add_bos: bool = False,
+    text: TextRule | None = None,
 ) -> list[torch.Tensor]:
     """The first `cfg.batches` micro-batches of this rank's shard of the held-out stream (no shuffle).
+
+    Documents are joined by `text` (None: the tokenizer's own rule), as the training stream is.
 
     Raises:
         DataError: the held-out stream is too short for `cfg.batches` batches on every rank.
     """
-    stream = PackedStream(cfg, tokenizer, seq_len, rank, world_size, add_bos=add_bos, loop=False)
+    stream = PackedStream(cfg, tokenizer, seq_len, rank, world_size, text=text, loop=False)
     out = []
     try:
         for _ in range(cfg.batches):

@@ -24,7 +24,6 @@ import json
 import math
 import random
 import signal
-import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -40,9 +39,11 @@ from transformers import PreTrainedModel
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import BaseRecipe, RecipeError
 from flexigpt.shared.runguard import stop_with_launcher
+from flexigpt.shared.text import describe_stream, describe_text, resolve_text_rule
 from flexigpt.shared.train.components import (
     DTYPES,
     PRECISION_DTYPE,
+    Throughput,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -203,6 +204,9 @@ def _train(
     tokenizer = load_or_refuse(
         load_tokenizer, recipe.model, "model.tokenizer", recipe.model.tokenizer or recipe.model.source
     )
+    text = resolve_text_rule(recipe.text, tokenizer)
+    # the saved recipe (and every checkpoint's) records the rule as applied, not "follow the tokenizer"
+    recipe = recipe.model_copy(update={"text": text.section()})
     dtype = DTYPES[PRECISION_DTYPE[precision] if recipe.model.dtype == "auto" else recipe.model.dtype]
     if model is None:
         model = load_or_refuse(build_model, recipe.model, "model.source", recipe.model.source, dtype)
@@ -291,7 +295,7 @@ def _train(
                 stacklevel=2,
             )
 
-    loader = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=micro)
+    loader = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=micro, text=text)
     step = tokens_seen = 0
     if chosen is None:
         _seed(t.seed + rank)
@@ -325,7 +329,7 @@ def _train(
             rank=rank,
             world_size=world,
             micro_batch=micro,
-            add_bos=recipe.data.add_bos,
+            text=text,
         )
         if recipe.data.eval is not None
         else []
@@ -347,6 +351,11 @@ def _train(
         flops_per_token=fpt,
         peak=peak_flops(t, device, precision),
         n_trainable=n_trainable,
+        # the training eval's perplexity is not comparable to another without its text and windows
+        eval_text=describe_text(describe_stream(recipe.data.eval), text, len(evals) * micro * seq_len * world)
+        + f", disjoint windows of {seq_len}"
+        if recipe.data.eval is not None
+        else "",
     )
     try:
         # a checkpoint loaded whole already holds this step; one loaded as weights only does not
@@ -414,7 +423,7 @@ class _Loop:
         bar = tqdm(
             total=self.total_steps, initial=step, disable=self.rank != 0, desc="train", dynamic_ncols=True
         )
-        window_t, window_tokens = time.perf_counter(), 0
+        window = Throughput()  # tokens/s of training steps: evaluations and checkpoints are paused out
         saved_at = step if checkpoint is not None else None
         result.checkpoint = checkpoint
         self.bad_steps = 0
@@ -424,19 +433,20 @@ class _Loop:
                 flags = self.train_step(step + 1, stop)
                 step += 1
                 tokens_seen += self.global_batch * self.recipe.data.seq_len
-                window_tokens += self.global_batch * self.recipe.data.seq_len
+                window.tokens += self.global_batch * self.recipe.data.seq_len
                 result.last_loss = float(flags[0]) / self.world
                 self._check_finite(step, result.last_loss, result.checkpoint)
                 stopping = bool(flags[1] > 0)
                 bar.update(1)
                 if step % t.log_every == 0 or step == self.total_steps:
-                    dt = time.perf_counter() - window_t
-                    self._log(step, tokens_seen, result.last_loss, window_tokens / max(dt, 1e-9), bar)
-                    window_t, window_tokens = time.perf_counter(), 0
+                    self._log(step, tokens_seen, result.last_loss, window.rate(), bar)
+                    window.restart()
                 if self.evals and t.eval_every and step % t.eval_every == 0:
-                    result.eval_loss = self._evaluate(step)
+                    with window.paused():
+                        result.eval_loss = self._evaluate(step)
                 if step % t.checkpoint_every == 0 or step == self.total_steps or stopping:
-                    result.checkpoint = self._save(step, tokens_seen)
+                    with window.paused():
+                        result.checkpoint = self._save(step, tokens_seen)
                     saved_at = step
                 if stopping:
                     result.interrupted_by = stop.signum or signal.SIGTERM
@@ -539,7 +549,9 @@ class _Loop:
             self.writer.add_scalar("eval/ppl", float(np.exp(min(loss, 50.0))), step)
             self.writer.flush()
         if self.rank == 0:
-            tqdm.write(f"step {step}: eval loss {loss:.4f} (ppl {np.exp(min(loss, 50.0)):.2f})")
+            tqdm.write(
+                f"step {step}: eval loss {loss:.4f} (ppl {np.exp(min(loss, 50.0)):.2f} on {self.eval_text})"
+            )
         return loss
 
     def _save(self, step: int, tokens_seen: int) -> Path:

@@ -125,8 +125,17 @@ def test_gamma_calibration_is_recorded_in_the_plan_and_reused(prune_workspace, t
     out = tmp_path / "cal"
     extra = ("prune.variants=[flexigpt]", "prune.replace.gamma=calibrate", "--prune-only")
     assert _prune(prune_workspace, out, *extra) == 0
+    text = capsys.readouterr().out
     saved = json.loads((out / "flexigpt" / "gamma.json").read_text())
     assert saved["gamma"] in [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] and len(saved["table"]) == 5
+    # gamma is chosen on documents the start perplexity does not read, and the summary says so
+    assert saved["text"]["documents_skipped"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["texts"]["gamma chosen on"] == saved["text"]["described"]
+    # the flexigpt plan is printed once, after calibration, with the chosen gamma
+    assert text.count("[flexigpt] plan:") == 1
+    assert text.index("gamma calibrated") < text.index("[flexigpt] plan:")
+    assert f"out_norm gamma={saved['gamma']:g}" in text
     plan = Plan.load(out / "flexigpt" / "plan.json")
     gammas = {s.out_norm.gamma for s in plan.slots if s.out_norm}
     assert gammas == {saved["gamma"]} and plan.notes["gamma_calibration"]["gamma"] == saved["gamma"]
@@ -194,7 +203,18 @@ def test_prune_builds_measures_trains_resumes_and_refuses(prune_workspace, tmp_p
             out / v / "initial"
         )
         assert (out / v / "final" / "model.safetensors").is_file()
+        # the trained run's recipe records the text rule as applied (the tokenizer's, both values set)
+        assert yaml.safe_load((out / v / "recipe.yaml").read_text())["text"] == {
+            "bos": False,
+            "eos_between_docs": True,
+        }
     assert not (out / "shortgpt" / "checkpoints").exists()
+    # the summary says by which rule and on which text every figure was measured
+    texts = summary["texts"]
+    assert texts["text rule"]["eos_between_docs"] and texts["text rule"]["decided_by"] == "tokenizer"
+    assert "packed windows" in texts["importance measured on"]
+    assert "text rule doc + EOS" in texts["start perplexities measured on"]
+    assert f"on {texts['start perplexities measured on']}" in text
     final = load_file(out / "flexigpt" / "final" / "model.safetensors")
 
     # run again after losing the last checkpoint: nothing is recomputed, training resumes at step 2

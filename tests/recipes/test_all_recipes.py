@@ -42,3 +42,22 @@ def test_recipe_validates(path: Path) -> None:
         cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
         == cfg["train_batch_size"]
     )
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO_ROOT / "recipes")))
+def test_calibrated_gamma_is_chosen_apart_from_the_perplexity_text(path: Path) -> None:
+    """A shipped recipe that calibrates gamma names a gamma text other than the one it reports on."""
+    _register_kinds()
+    recipe = load_recipe(path)
+    prune = getattr(recipe, "prune", None)
+    if prune is None or getattr(getattr(prune, "replace", None), "gamma", None) != "calibrate":
+        pytest.skip("no gamma calibration")
+    gamma = prune.calibration.gamma_stream or prune.calibration.stream
+    judged = prune.perplexity.stream if prune.perplexity is not None else recipe.data.eval
+    assert gamma is not None and judged is not None
+    assert (gamma.source, gamma.hub_id, gamma.split, gamma.files) != (
+        judged.source,
+        judged.hub_id,
+        judged.split,
+        judged.files,
+    )
