@@ -41,12 +41,19 @@ class SharedModelMixin:
 
     plan: Plan
     source_config: PretrainedConfig
+    idle_block_norms: dict[str, torch.Tensor]
+    """``<block>.<norm>.weight`` -> the block's own norm, for blocks whose every slot has private
+    norms: no slot runs them, yet the compact format stores every block whole."""
 
-    def save_pretrained(self, save_directory: str, tokenizer: object | None = None, **_: object) -> None:
-        """Write the compact format (each physical block once); see ``checkpoint.save_compact``."""
-        from flexigpt.shared.engine.checkpoint import save_compact
+    def save_pretrained(self, save_directory: str, tokenizer: object | None = None, **kwargs: object) -> None:
+        """Write the compact format (each physical block once); see ``checkpoint.save_compact``.
 
-        save_compact(self, save_directory, tokenizer=tokenizer)
+        transformers' ``is_main_process``, ``state_dict``, ``max_shard_size`` and
+        ``safe_serialization`` are honoured; options the compact format cannot follow are refused.
+        """
+        from flexigpt.shared.engine.checkpoint import save_pretrained_compact
+
+        save_pretrained_compact(self, save_directory, tokenizer=tokenizer, **kwargs)
 
 
 class SharedLlamaForCausalLM(SharedModelMixin, LlamaForCausalLM):
@@ -164,11 +171,26 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = 
     ]
     model = skeleton(SHARED_CLASSES[layout.model_type], config, top=source, layers=nn.ModuleList(slots))
     model.plan = plan
+    model.idle_block_norms = _idle_block_norms(plan, layout, src_layers)
     model.source_config = copy.deepcopy(source.config)
     model.generation_config = copy.deepcopy(source.generation_config)
     model.train(source.training)
     verify(model)
     return model
+
+
+def _idle_block_norms(plan: Plan, layout: ArchLayout, src_layers: nn.ModuleList) -> dict[str, torch.Tensor]:
+    # Plain tensors, not Parameters: no slot uses them, so they are neither trained nor counted.
+    used = {s.block for s in plan.slots if not s.own_norms}
+    out = {}
+    for block in plan.physical_blocks:
+        if block in used:
+            continue
+        for norm in layout.norms:
+            for pname, p in src_layers[block].get_submodule(norm).named_parameters():
+                if p.device.type != "meta":  # absent from a checkpoint written before they were stored
+                    out[f"{block}.{norm}.{pname}"] = p.detach()
+    return out
 
 
 def _build_slot(
@@ -194,7 +216,9 @@ def _build_slot(
         norm_src = src_layers[replaces] if init_slot_params and replaces is not None else src
         for norm in layout.norms:
             for pname, p in norm_src.get_submodule(norm).named_parameters():
-                _set_param(layer, f"{norm}.{pname}", nn.Parameter(p.detach().clone()))
+                # loading fills private norms next, so a block norm a checkpoint lacks is not needed
+                value = p.detach().clone() if p.device.type != "meta" else torch.empty(p.shape, dtype=p.dtype)
+                _set_param(layer, f"{norm}.{pname}", nn.Parameter(value))
     if spec.adapter is not None:
         a = spec.adapter
         for target in a.targets:

@@ -4,7 +4,8 @@ A compact checkpoint directory holds:
 
 - ``config.json`` with ``model_type: "flexigpt"``, the source model's config (``base_config``) and
   the plan; transformers reads it through ``AutoConfig`` once this package is imported;
-- ``model.safetensors`` with every *physical* block once (``blocks.<b>.<name>``), every slot's own
+- ``model.safetensors`` (or, past ``max_shard_size``, shards named by
+  ``model.safetensors.index.json``, as transformers writes them) with every *physical* block once (``blocks.<b>.<name>``), every slot's own
   parameters (``slots.<i>.<name>``: LoRA factors, output norms, private norms), and the tensors
   outside the decoder stack under their usual names (tied embeddings stored once);
 - ``plan.json`` (the same plan, readable on its own), ``generation_config.json`` and, when given,
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from flexigpt.shared.engine.parts import BLOCK, OWN_NORM, skeleton, slot_param_r
 from flexigpt.shared.engine.plan import Plan, PlanError
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 FORMAT_VERSION = "flexigpt-compact/1"
 
 
@@ -101,36 +104,96 @@ def register_auto_classes() -> None:
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
-def compact_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The tensors of the compact format: each physical block once, slot-owned tensors per slot."""
+# transformers' default shard size for save_pretrained: a compact model larger than this is split
+# into several files with an index, as transformers splits plain models.
+DEFAULT_MAX_SHARD_SIZE = "50GB"
+# save_pretrained options that change nothing in the compact format (hub uploads aside, refused).
+_NEUTRAL_SAVE_OPTIONS = ("save_peft_format", "save_original_format", "token")
+
+
+def compact_sources(model: PreTrainedModel) -> dict[str, tuple[tuple[str, ...], torch.Tensor]]:
+    """Compact key -> (the model's names for that tensor, the tensor), in the order they are stored.
+
+    Each physical block once (its owner slot's Parameters; norms from a slot that uses the block's
+    own norms, else the block's idle norms), slot-owned tensors per slot, the rest under their
+    usual names (tied tensors once). An idle norm has no name in the model (empty names).
+    """
     plan: Plan = model.plan
     layout = get_layout(model.config)
-    tensors: dict[str, torch.Tensor] = dict(top_params(model, layout))  # a tied head once
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    out: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
+
+    def put(key: str, p: torch.Tensor) -> None:
+        out[key] = (tuple(aliases.get(id(p), ())), p)
+
+    for name, p in top_params(model, layout):  # a tied head once
+        put(name, p)
     layers = _layers(model, layout)
+    idle = getattr(model, "idle_block_norms", {})
     for block in plan.physical_blocks:
         owner = plan.owner_slot(block)
         for name, role, p in slot_param_roles(layers[owner], plan.slots[owner], layout):
             if role not in (BLOCK, OWN_NORM):
                 continue
+            key = f"blocks.{block}.{canonical_name(name)}"
             if role == OWN_NORM:
-                # the owner uses private norms; the block's norms are stored if another slot uses them
+                # the owner uses private norms: the block's own are another user's, or idle
                 users = [i for i, s in enumerate(plan.slots) if s.block == block and not s.own_norms]
-                if not users:
-                    continue
-                p = layers[users[0]].get_parameter(name)
-            tensors[f"blocks.{block}.{canonical_name(name)}"] = p
+                if users:
+                    put(key, layers[users[0]].get_parameter(name))
+                elif f"{block}.{canonical_name(name)}" in idle:
+                    out[key] = ((), idle[f"{block}.{canonical_name(name)}"].to(p.dtype))
+                continue
+            put(key, p)
     for slot, name, _role, p in iter_slot_params(model):
-        tensors[f"slots.{slot}.{name}"] = p
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
+        put(f"slots.{slot}.{name}", p)
+    return out
 
 
-def save_compact(model: PreTrainedModel, save_directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+def compact_state(
+    model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of the compact format: each physical block once, slot-owned tensors per slot.
+
+    Args:
+        model: a shared model.
+        state_dict: values to store instead of the model's own, keyed as ``model.state_dict()``
+            (any alias of a shared tensor will do), e.g. weights gathered from ZeRO-3 partitions.
+
+    Raises:
+        CheckpointError: `state_dict` lacks a tensor of the model (the message names it).
+    """
+    tensors = {}
+    for key, (names, p) in compact_sources(model).items():
+        if state_dict is not None and names:
+            found = [n for n in names if n in state_dict]
+            if not found:
+                raise CheckpointError(f"state_dict has no value for {names[0]} (stored as {key})")
+            p = state_dict[found[0]]
+        tensors[key] = p.detach().contiguous()
+    return tensors
+
+
+def save_compact(
+    model: PreTrainedModel,
+    save_directory: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write `model` in the compact format, atomically (a temporary directory, then a rename).
 
     Args:
         model: a shared model from ``apply_plan`` / ``load_compact``.
         save_directory: target directory; replaced if it exists.
         tokenizer: optional tokenizer saved beside the weights.
+        state_dict: values to store instead of the model's own (see ``compact_state``).
+        max_shard_size: largest weights file (bytes, or "5GB" / "500MB"); a larger model is split
+            into ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, as
+            transformers does.
 
     Returns:
         The directory written.
@@ -140,11 +203,7 @@ def save_compact(model: PreTrainedModel, save_directory: str | os.PathLike, toke
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         plan: Plan = model.plan
-        save_file(
-            compact_state(model),
-            str(tmp / WEIGHTS_NAME),
-            metadata={"format": "pt", "flexigpt": FORMAT_VERSION},
-        )
+        _write_weights(compact_state(model, state_dict), tmp, max_shard_size)
         cfg = FlexiGPTConfig(base_config=model.source_config.to_dict(), plan=plan.to_dict())
         cfg.architectures = ["FlexiGPTForCausalLM"]
         cfg.save_pretrained(tmp)
@@ -156,6 +215,63 @@ def save_compact(model: PreTrainedModel, save_directory: str | os.PathLike, toke
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    metadata = {"format": "pt", "flexigpt": FORMAT_VERSION}
+    split = split_torch_state_dict_into_shards(
+        tensors,
+        filename_pattern=WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+        max_shard_size=max_shard_size,
+    )
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k] for k in keys}, str(directory / filename), metadata=metadata)
+    if split.is_sharded:
+        index = {
+            "metadata": {**split.metadata, "flexigpt": FORMAT_VERSION},
+            "weight_map": split.tensor_to_filename,
+        }
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained_compact(
+    model: PreTrainedModel,
+    save_directory: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    safe_serialization: bool = True,
+    **kwargs: Any,
+) -> Path | None:
+    """``save_pretrained`` of a shared model: transformers' options, in the compact format.
+
+    ``is_main_process=False`` writes nothing (the other ranks of a distributed save); ``state_dict``
+    and ``max_shard_size`` are honoured as transformers does. Options the compact format cannot
+    follow (``push_to_hub``, ``variant``, ``safe_serialization=False``, a ``save_function``, a
+    distributed checkpoint, unknown keywords) are refused rather than silently dropped.
+
+    Raises:
+        CheckpointError: a refused option (the message names it).
+    """
+    refused = sorted(
+        k for k, v in kwargs.items() if k not in _NEUTRAL_SAVE_OPTIONS and v not in (None, False)
+    )
+    if not safe_serialization:
+        refused.insert(0, "safe_serialization=False")
+    if refused:
+        raise CheckpointError(
+            f"save_pretrained of a shared-block model: {', '.join(refused)} not supported; the compact format "
+            "takes tokenizer, is_main_process, state_dict and max_shard_size (it is always safetensors)"
+        )
+    if not is_main_process:
+        return None
+    return save_compact(
+        model, save_directory, tokenizer, state_dict=state_dict, max_shard_size=max_shard_size
+    )
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -218,18 +334,16 @@ def load_compact(
     source = skeleton(SOURCE_CLASSES[layout.model_type], base)
     src_layers = _layers(source, layout)
     slot_tensors: dict[tuple[int, str], torch.Tensor] = {}
-    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            t = f.get_tensor(key)
-            kind, _, rest = key.partition(".")
-            if kind == "blocks":
-                b, _, name = rest.partition(".")
-                _set_param(src_layers[int(b)], name, nn.Parameter(t))
-            elif kind == "slots":
-                i, _, name = rest.partition(".")
-                slot_tensors[(int(i), name)] = t
-            else:
-                _set_param(source, key, nn.Parameter(t))
+    for key, t in _read_weights(d):
+        kind, _, rest = key.partition(".")
+        if kind == "blocks":
+            b, _, name = rest.partition(".")
+            _set_param(src_layers[int(b)], name, nn.Parameter(t))
+        elif kind == "slots":
+            i, _, name = rest.partition(".")
+            slot_tensors[(int(i), name)] = t
+        else:
+            _set_param(source, key, nn.Parameter(t))
     if base.tie_word_embeddings:
         source.lm_head.weight = source.model.embed_tokens.weight
     model = apply_plan(source, plan, init_slot_params=False)
@@ -249,6 +363,32 @@ def load_compact(
     if dtype is not None:
         model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model.eval()
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a compact checkpoint: one file, or the shards its index names.
+
+    Raises:
+        CheckpointError: neither file exists, or the index names a missing shard.
+    """
+    d = Path(directory)
+    index = d / INDEX_NAME
+    if index.is_file():
+        files = [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{d}: {INDEX_NAME} names missing shards {missing[:5]}")
+        return files
+    if (d / WEIGHTS_NAME).is_file():
+        return [d / WEIGHTS_NAME]
+    raise CheckpointError(f"{d}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
+
+
+def _read_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in weight_files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                yield key, f.get_tensor(key)
 
 
 def load_model(
@@ -298,4 +438,6 @@ __all__ = [
     "load_model",
     "register_auto_classes",
     "save_compact",
+    "save_pretrained_compact",
+    "weight_files",
 ]
