@@ -19,7 +19,12 @@ a recipe field (``--help-recipe`` lists them).
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
@@ -56,8 +61,32 @@ def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
     return signal_exit_status(stopped)
 
 
+# Recipe kind -> the module whose ``main`` runs it; kind ``prune`` (depth pruning) is run here.
+METHOD_COMMANDS: dict[str, str] = {"surgeon": "flexigpt.prune.surgeon.cli"}
+
+
+def _method_kind(argv: list[str]) -> str | None:
+    """The kind of the recipe `argv` names (``--help-recipe KIND`` too), when another module runs it."""
+    if argv[:1] == ["--help-recipe"]:
+        return argv[1] if len(argv) > 1 and argv[1] in METHOD_COMMANDS else None
+    kind = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("kind=")), None)
+    if kind is None and argv and Path(argv[0]).is_file():
+        try:
+            raw = yaml.safe_load(Path(argv[0]).read_text())
+        except (OSError, yaml.YAMLError):
+            return None  # the normal path reports the unreadable recipe
+        kind = raw.get("kind") if isinstance(raw, dict) else None
+    return kind if kind in METHOD_COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2: bad recipe or refused run; 128 + signal when stopped by one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kind = _method_kind(argv)
+    if kind is not None:
+        return importlib.import_module(METHOD_COMMANDS[kind]).main(
+            argv[:1] if argv[0] == "--help-recipe" else argv
+        )
     return run_command(
         "flexigpt-prune", PruneRecipe, _parser(), argv, _run, (PruneError, PlanError, RecipeError)
     )

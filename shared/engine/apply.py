@@ -29,7 +29,7 @@ from transformers import (
 from flexigpt.shared.engine.adapters import OutputNorm, SharedLoraLinear, init_lora, lora_factors, make_lora
 from flexigpt.shared.engine.layout import ArchLayout, get_layout
 from flexigpt.shared.engine.parts import ADAPTER, BLOCK, OUT_NORM, skeleton, slot_param_roles
-from flexigpt.shared.engine.plan import Plan, PlanError, SlotSpec
+from flexigpt.shared.engine.plan import BlockShape, Plan, PlanError, SlotSpec
 
 
 class VerifyError(AssertionError):
@@ -119,6 +119,21 @@ def stack_config(
     return config
 
 
+def block_config(config: PretrainedConfig, shape: BlockShape | None) -> PretrainedConfig:
+    """The config a narrowed block's modules are built from (`config` itself for a full block).
+
+    The head dimension is pinned first: transformers derives it from hidden_size / heads otherwise.
+    """
+    if shape is None:
+        return config
+    narrowed = copy.deepcopy(config)
+    narrowed.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    narrowed.intermediate_size = shape.intermediate_size
+    narrowed.num_attention_heads = shape.num_attention_heads
+    narrowed.num_key_value_heads = shape.num_key_value_heads
+    return narrowed
+
+
 def _slot_config(source_config: PretrainedConfig, plan: Plan, layout: ArchLayout) -> PretrainedConfig:
     return stack_config(source_config, [s.block for s in plan.slots], layout)
 
@@ -139,6 +154,19 @@ def check_plan_fits(plan: Plan, config: PretrainedConfig) -> ArchLayout:
             f"({config.num_hidden_layers} layers)"
         )
     plan.validate(layout.matrix_shapes(config))
+    full = (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
+    for b, shape in plan.block_shapes.items():
+        sizes = (shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads)
+        if any(n > m for n, m in zip(sizes, full, strict=True)):
+            raise PlanError(
+                f"block_shapes[{b}]={shape} is wider than the source model "
+                f"(intermediate_size, heads, kv heads = {full})"
+            )
+        if shape.num_attention_heads // shape.num_key_value_heads != full[1] // full[2]:
+            raise PlanError(
+                f"block_shapes[{b}]: {shape.num_attention_heads} heads over {shape.num_key_value_heads} kv heads "
+                f"breaks the source's {full[1] // full[2]} query heads per kv head"
+            )
     return layout
 
 
@@ -166,7 +194,14 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = 
     src_layers = _layers(source, layout)
     config = _slot_config(source.config, plan, layout)
     slots = [
-        _build_slot(i, spec, config, layout, src_layers, init_slot_params)
+        _build_slot(
+            i,
+            spec,
+            block_config(config, plan.block_shapes.get(spec.block)),
+            layout,
+            src_layers,
+            init_slot_params,
+        )
         for i, spec in enumerate(plan.slots)
     ]
     model = skeleton(SHARED_CLASSES[layout.model_type], config, top=source, layers=nn.ModuleList(slots))
@@ -204,8 +239,15 @@ def _build_slot(
     src = src_layers[spec.block]
     with torch.device("meta"):
         layer = type(src)(config, layer_idx=index)
-    # The block's weights: the very same Parameter objects (stored once, trained once).
+    # The block's weights: the very same Parameter objects (stored once, trained once), of the sizes
+    # the plan gives the block (a narrowed block's tensors are smaller than the source config's).
     for name, p in src.named_parameters():
+        want = layer.get_parameter(name).shape
+        if p.shape != want:
+            raise PlanError(
+                f"slots[{index}]: block {spec.block}'s {name} has shape {tuple(p.shape)}, the plan's block shape "
+                f"says {tuple(want)}"
+            )
         _set_param(layer, name, p)
     for name, b in src.named_buffers():
         _set_param(layer, name, b)
@@ -336,10 +378,12 @@ def expected_trainable(plan: Plan, config: PretrainedConfig, rule: str) -> int:
     if rule not in TRAINABLE_RULES:
         raise PlanError(f"trainable rule {rule!r} is unknown; allowed: {list(TRAINABLE_RULES)}")
     layout = get_layout(config)
-    shapes = layout.matrix_shapes(config)
     h = config.hidden_size
     adapters = sum(
-        s.adapter.rank_for(t) * sum(shapes[t]) for s in plan.slots if s.adapter for t in s.adapter.targets
+        s.adapter.rank_for(t) * sum(layout.matrix_shapes(config, plan.block_shapes.get(s.block))[t])
+        for s in plan.slots
+        if s.adapter
+        for t in s.adapter.targets
     )
     norms = sum(
         (2 * h if s.out_norm else 0) + (len(layout.norms) * h if s.own_norms else 0) for s in plan.slots
@@ -351,7 +395,9 @@ def expected_trainable(plan: Plan, config: PretrainedConfig, rule: str) -> int:
     # A block's own norms are stored only if some slot running it uses them (own_norms=False).
     block_norms = len(layout.norms) * h
     uses_block_norms = {s.block for s in plan.slots if not s.own_norms}
-    blocks = (layout.block_param_count(config) - block_norms) * len(plan.physical_blocks)
+    blocks = sum(
+        layout.block_param_count(config, plan.block_shapes.get(b)) - block_norms for b in plan.physical_blocks
+    )
     return adapters + norms + blocks + block_norms * len(uses_block_norms) + _top_param_count(config)
 
 
@@ -419,6 +465,7 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
     for i, (spec, layer) in enumerate(zip(plan.slots, _layers(model, layout), strict=True)):
         with torch.device("meta"):
             dense = type(layer)(config, layer_idx=i)
+        full = {name: p.shape for name, p in dense.named_parameters()}
         for name, role, p in slot_param_roles(layer, spec, layout):
             if role in (ADAPTER, OUT_NORM):  # merged / re-wrapped below
                 continue
@@ -428,6 +475,14 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
             if isinstance(m, SharedLoraLinear):
                 w = dense.get_submodule(canonical_name(name)).weight
                 w.add_(m.delta_weight().to(w.dtype))
+        # A narrowed block gets its removed units and heads back as zeros (at the end: units and
+        # heads are unordered), which the uniform plain architecture needs and which changes nothing.
+        for name, shape in full.items():
+            p = dense.get_parameter(name)
+            if p.shape != shape:
+                padded = p.new_zeros(shape)
+                padded[tuple(slice(0, n) for n in p.shape)] = p
+                _set_param(dense, name, nn.Parameter(padded, requires_grad=p.requires_grad))
         for name, m in layer.named_modules():
             if isinstance(m, OutputNorm):
                 path = canonical_name(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flexigpt.shared.engine.plan import TARGETS, PlanError
+from flexigpt.shared.engine.plan import TARGETS, BlockShape, PlanError
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,16 @@ class ArchLayout:
                 return path
         raise PlanError(f"unknown adapter target {target!r}; allowed: {list(TARGETS)}")
 
-    def matrix_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of every target linear for this config."""
+    def matrix_shapes(self, config: Any, shape: BlockShape | None = None) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of every target linear for this config (of a narrowed block
+        when `shape` is given)."""
         h = config.hidden_size
         head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-        q = config.num_attention_heads * head_dim
-        kv = config.num_key_value_heads * head_dim
-        f = config.intermediate_size
+        heads, kv_heads, f = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+        if shape is not None:
+            heads, kv_heads, f = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
+        q = heads * head_dim
+        kv = kv_heads * head_dim
         return {
             "q": (q, h),
             "k": (kv, h),
@@ -81,9 +84,9 @@ class ArchLayout:
         mlp = ("gate", "up", "down") if getattr(config, "mlp_bias", False) else ()
         return attn + mlp
 
-    def block_param_count(self, config: Any) -> int:
+    def block_param_count(self, config: Any, shape: BlockShape | None = None) -> int:
         """Parameters of one decoder block (weights, biases, norms), from the config alone."""
-        shapes = self.matrix_shapes(config)
+        shapes = self.matrix_shapes(config, shape)
         weights = sum(o * i for o, i in shapes.values())
         biases = sum(shapes[t][0] for t in self.biased_linears(config))
         return weights + biases + len(self.norms) * config.hidden_size

@@ -93,6 +93,22 @@ class SlotSpec:
 
 
 @dataclass(frozen=True)
+class BlockShape:
+    """Sizes of a physical block that is narrower than the source config says (structured pruning).
+
+    Removed MLP units and attention heads leave a block with fewer of them; its matrices are stored
+    at that size. The head dimension and the hidden size never change.
+    """
+
+    intermediate_size: int
+    """MLP units kept (rows of gate / up, columns of down)."""
+    num_attention_heads: int
+    """Query heads kept (rows of q, columns of o, in head_dim units)."""
+    num_key_value_heads: int
+    """Key / value heads kept; num_attention_heads must be a multiple of it."""
+
+
+@dataclass(frozen=True)
 class Plan:
     """The slot stack of a shared-block model."""
 
@@ -104,6 +120,8 @@ class Plan:
     """The slots, bottom to top."""
     notes: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (how the plan was made: method, scores, ratio, ...). Not interpreted."""
+    block_shapes: dict[int, BlockShape] = field(default_factory=dict)
+    """Physical blocks stored narrower than the source config (block -> its sizes); absent: full size."""
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -179,6 +197,20 @@ class Plan:
                     raise PlanError(f"{where}.out_norm.gamma={s.out_norm.gamma!r}: must be >= 0")
                 if not s.out_norm.eps > 0:
                     raise PlanError(f"{where}.out_norm.eps={s.out_norm.eps!r}: must be > 0")
+        for b, shape in self.block_shapes.items():
+            where = f"block_shapes[{b}]"
+            if b not in self.physical_blocks:
+                raise PlanError(
+                    f"{where}: block {b} is not run by any slot; allowed {list(self.physical_blocks)}"
+                )
+            sizes = (shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads)
+            if not all(isinstance(n, int) and n >= 1 for n in sizes):
+                raise PlanError(f"{where}={shape}: every size must be an integer >= 1")
+            if shape.num_attention_heads % shape.num_key_value_heads:
+                raise PlanError(
+                    f"{where}: num_attention_heads={shape.num_attention_heads} is not a multiple of "
+                    f"num_key_value_heads={shape.num_key_value_heads}"
+                )
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -186,6 +218,10 @@ class Plan:
         d = asdict(self)
         d["format"] = PLAN_FORMAT
         d["slots"] = list(d["slots"])
+        # JSON keys are strings; a plan without narrowed blocks keeps its old form
+        shapes = d.pop("block_shapes")
+        if shapes:
+            d["block_shapes"] = {str(b): v for b, v in sorted(shapes.items())}
         for s in d["slots"]:
             if s["adapter"] is not None:
                 s["adapter"]["targets"] = list(s["adapter"]["targets"])
@@ -203,7 +239,7 @@ class Plan:
         fmt = d.pop("format", PLAN_FORMAT)
         if fmt != PLAN_FORMAT:
             raise PlanError(f"format={fmt!r} is not supported: allowed {PLAN_FORMAT!r}")
-        _check_keys(d, {"model_type", "num_source_layers", "slots", "notes"}, "plan")
+        _check_keys(d, {"model_type", "num_source_layers", "slots", "notes", "block_shapes"}, "plan")
         slots = []
         for i, s in enumerate(d.get("slots") or []):
             where = f"slots[{i}]"
@@ -232,7 +268,18 @@ class Plan:
         for key in ("model_type", "num_source_layers"):
             if key not in d:
                 raise PlanError(f"plan: missing required key {key!r}")
-        return cls(d["model_type"], d["num_source_layers"], tuple(slots), dict(d.get("notes") or {}))
+        shapes = {}
+        for b, v in (d.get("block_shapes") or {}).items():
+            if not isinstance(v, dict):
+                raise PlanError(f"block_shapes[{b}] must be an object, got {type(v).__name__}")
+            _check_keys(
+                v, {"intermediate_size", "num_attention_heads", "num_key_value_heads"}, f"block_shapes[{b}]"
+            )
+            try:
+                shapes[int(b)] = BlockShape(**v)
+            except (TypeError, ValueError) as e:
+                raise PlanError(f"block_shapes[{b}]: {e}") from None
+        return cls(d["model_type"], d["num_source_layers"], tuple(slots), dict(d.get("notes") or {}), shapes)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -260,6 +307,12 @@ class Plan:
                 parts.append(f"out_norm gamma={s.out_norm.gamma:g}")
             if s.own_norms:
                 parts.append("own norms")
+            if i == self.owner_slot(s.block) and s.block in self.block_shapes:
+                b = self.block_shapes[s.block]
+                parts.append(
+                    f"narrowed: {b.intermediate_size} MLP units, {b.num_attention_heads} heads "
+                    f"({b.num_key_value_heads} kv)"
+                )
             lines.append("  " + "  ".join(parts))
         return "\n".join(lines)
 
