@@ -159,7 +159,9 @@ def save_compact(model: PreTrainedModel, save_directory: str | os.PathLike, toke
         cfg.architectures = ["FlexiGPTForCausalLM"]
         cfg.save_pretrained(tmp)
         plan.save(tmp / "plan.json")
-        (tmp / CARD_NAME).write_text(model_card(model, out.name, with_tokenizer=tokenizer is not None))
+        (tmp / CARD_NAME).write_text(
+            model_card(model, out.resolve().name, with_tokenizer=tokenizer is not None)
+        )
         model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
