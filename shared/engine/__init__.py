@@ -6,5 +6,6 @@
 - ``parts``: the meta skeleton that builders fill with top modules and layers; parameter roles by module type.
 - ``apply``: apply a plan to a source model, verify it, count its parameters, materialise it.
 - ``checkpoint``: the compact checkpoint format, its Auto-class registration, the plain export.
+- ``card``: the README.md model card written into every compact checkpoint directory.
 - ``tiny``: small random models of every supported architecture, for tests and benchmarks.
 """

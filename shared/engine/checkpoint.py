@@ -9,7 +9,10 @@ A compact checkpoint directory holds:
   parameters (``slots.<i>.<name>``: LoRA factors, output norms, private norms), and the tensors
   outside the decoder stack under their usual names (tied embeddings stored once);
 - ``plan.json`` (the same plan, readable on its own), ``generation_config.json`` and, when given,
-  the tokenizer files.
+  the tokenizer files;
+- ``README.md``, a model card (``card.model_card``): what the directory is, stored and dense
+  parameter counts, the slot map, and the lines that load it. transformers without this package
+  cannot read the format, and ``config.json``'s ``how_to_load`` says what to install.
 
 ``AutoModelForCausalLM.from_pretrained(dir)`` restores the sharing (the same Parameter objects),
 bit-identical outputs and the plan, with no ``trust_remote_code``: the model class it resolves to
@@ -47,6 +50,7 @@ from flexigpt.shared.engine.apply import (
     iter_slot_params,
     materialize,
 )
+from flexigpt.shared.engine.card import CARD_NAME, LOAD_HINT, model_card
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.parts import BLOCK, OWN_NORM, skeleton, slot_param_roles, top_params
 from flexigpt.shared.engine.plan import Plan, PlanError
@@ -66,10 +70,16 @@ class FlexiGPTConfig(PretrainedConfig):
     model_type = "flexigpt"
 
     def __init__(
-        self, base_config: dict[str, Any] | None = None, plan: dict[str, Any] | None = None, **kw: Any
+        self,
+        base_config: dict[str, Any] | None = None,
+        plan: dict[str, Any] | None = None,
+        how_to_load: str = LOAD_HINT,
+        **kw: Any,
     ):
         self.base_config = base_config
         self.plan = plan
+        # Read by people only: what to install when transformers does not recognise the format.
+        self.how_to_load = how_to_load
         super().__init__(**kw)
 
 
@@ -208,6 +218,9 @@ def save_compact(
         cfg.architectures = ["FlexiGPTForCausalLM"]
         cfg.save_pretrained(tmp)
         plan.save(tmp / "plan.json")
+        (tmp / CARD_NAME).write_text(
+            model_card(model, out.resolve().name, with_tokenizer=tokenizer is not None)
+        )
         model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
