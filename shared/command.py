@@ -119,8 +119,10 @@ def run_command(
     stop_with_launcher()
     try:
         # rank 0 holds output_dir for the whole command (the trainer it hands over to takes the
-        # same lock again); a refused rank 0 exits 2 and the launcher stops the others
-        with run_lock(recipe.output_dir) if main_rank else contextlib.nullcontext():
+        # same lock again); a refused rank 0 exits 2 and the launcher stops the others. A plan-only
+        # run writes nothing, so it neither creates output_dir nor waits for another run's lock.
+        writes = main_rank and not getattr(args, "plan_only", False)
+        with run_lock(recipe.output_dir) if writes else contextlib.nullcontext():
             return run_fn(recipe, args, print if main_rank else _quiet)
     except (*known_errors, RunLockError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
