@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
 from flexigpt.shared.command import command_parser, run_command, signal_exit_status
 from flexigpt.shared.engine.plan import PlanError
@@ -56,8 +55,13 @@ def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
     return signal_exit_status(stopped)
 
 
+def _known_errors() -> tuple[type[Exception], ...]:
+    # PruneError lives beside the torch code that raises it; asked for only once a run has failed
+    from flexigpt.prune.depth.build import PruneError
+
+    return (PruneError, PlanError, RecipeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2: bad recipe or refused run; 128 + signal when stopped by one)."""
-    return run_command(
-        "flexigpt-prune", PruneRecipe, _parser(), argv, _run, (PruneError, PlanError, RecipeError)
-    )
+    return run_command("flexigpt-prune", PruneRecipe, _parser(), argv, _run, _known_errors)

@@ -17,18 +17,21 @@ import argparse
 import os
 import sys
 
+from flexigpt.shared.command import HelpFormatter, command_parser, refusal_message, wants_recipe_help
 from flexigpt.shared.recipe import RECIPE_KINDS, RecipeError, describe_recipe, load_recipe
+from flexigpt.shared.threads import configure_cpu_threads
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="flexigpt-train",
-        description="Continued pre-training with DeepSpeed ZeRO on a streamed corpus (see docs/training.md).",
-        epilog="Subcommand: 'flexigpt-train export CHECKPOINT OUT_DIR [--materialize]'. "
-        "'--help-recipe' lists every recipe field.",
+    p = command_parser(
+        "flexigpt-train",
+        "train",
+        "Continued pre-training with DeepSpeed ZeRO on a streamed corpus (see docs/training.md).",
     )
-    p.add_argument("recipe", help="YAML recipe (kind: train)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides, validated like the file")
+    p.epilog = (
+        f"{p.epilog} Subcommand: 'flexigpt-train export CHECKPOINT OUT_DIR [--materialize]' "
+        "('flexigpt-train export --help')."
+    )
     p.add_argument(
         "--resume", default="auto", help="auto (default): newest valid checkpoint; never; or a checkpoint dir"
     )
@@ -47,6 +50,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flexigpt-train export",
         description="Write the model of a training checkpoint (compact format), without a training engine.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", help="output_dir/checkpoints/step_N, or output_dir/checkpoints (newest)")
     p.add_argument("out_dir", help="directory of the compact model")
@@ -60,12 +64,9 @@ def _export_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (128 + signal number when stopped by a signal)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--help-recipe"]:
-        for kind, cls in RECIPE_KINDS.items():
-            print(f"# kind: {kind}\n{describe_recipe(cls)}\n")
-        return 0
     if argv[:1] == ["export"]:
-        args = _export_parser().parse_args(argv[1:])
+        args = _export_parser().parse_intermixed_args(argv[1:])
+        configure_cpu_threads()
         from flexigpt.shared.train.export import export_checkpoint
 
         for d in export_checkpoint(
@@ -73,22 +74,35 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print(f"wrote {d}")
         return 0
-    args = _train_parser().parse_args(argv)
+    if wants_recipe_help(argv):
+        for kind, cls in RECIPE_KINDS.items():
+            print(f"# kind: {kind}\n{describe_recipe(cls)}\n")
+        return 0
+    args = _train_parser().parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:
         print(f"flexigpt-train: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
         print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
+    configure_cpu_threads(print if main_rank else None)
     from flexigpt.shared.train.trainer import train
 
-    result = train(
-        recipe,
-        resume=args.resume,
-        allow_plan_change=args.allow_plan_change,
-        allow_world_size_change=args.allow_world_size_change,
-    )
+    try:
+        result = train(
+            recipe,
+            resume=args.resume,
+            allow_plan_change=args.allow_plan_change,
+            allow_world_size_change=args.allow_world_size_change,
+        )
+    except Exception as e:
+        message = refusal_message(recipe, e, ())
+        if message is None:
+            raise
+        print(f"flexigpt-train: {message}", file=sys.stderr)
+        return 2
     if result.interrupted_by is not None:
         return 128 + int(result.interrupted_by)
     return 0
