@@ -335,9 +335,8 @@ def _build(
             json.dumps({"gamma": cal.gamma, "target_ppl": cal.target_ppl, "table": cal.table}, indent=1)
             + "\n"
         )
-        log(
-            f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.4g}; tried {cal.table})"
-        )
+        tried = ", ".join(f"{g:g}: {p:.2f}" for g, p in cal.table)
+        log(f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.2f}; tried {tried})")
         plan = variant_plan(recipe, config, name, list(plan.removed_blocks), sel, cal)
         model.plan = plan  # only gamma's initial value differs, and calibrate_gamma left it in the model
     save_compact(model, vdir / INITIAL, tokenizer=tokenizer)

@@ -292,7 +292,7 @@ class StartPerplexity:
             saved = json.loads(path.read_text())
             if saved.get("settings") == self.settings:
                 result = PerplexityResult.from_dict(saved["result"])
-                log(f"start perplexity [{name}]: {result.ppl:.4g} (reusing {path})")
+                log(f"start perplexity [{name}]: {result.ppl:.2f} (reusing {path})")
                 return result
         model = get_model()
         pc = self.recipe.prune.perplexity
