@@ -113,6 +113,9 @@ def compact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ORDERS = {
     "package first": "import flexigpt.shared\nfrom transformers import AutoModelForCausalLM",
     "transformers first": "from transformers import AutoModelForCausalLM\nimport flexigpt.shared",
+    "probed first": "import flexigpt.shared, importlib.util\n"
+    "assert importlib.util.find_spec('transformers.models.auto.modeling_auto')\n"
+    "from transformers import AutoModelForCausalLM",
     "config class first": "import flexigpt.shared\nfrom transformers import AutoConfig\n"
     "assert AutoConfig.from_pretrained(DIR).model_type == 'flexigpt'\n"
     "from transformers import AutoModelForCausalLM",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -70,7 +71,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        then = self.hooks.pop(fullname, None)
+        # the hook is dropped only once the module has run: importlib.util.find_spec alone (a
+        # probe that imports nothing) must not use it up
+        then = self.hooks.get(fullname)
         if then is None:
             return None
         for finder in sys.meta_path:
@@ -79,9 +82,22 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _ThenLoader(spec.loader, then)
+                    spec.loader = _ThenLoader(spec.loader, lambda m, n=fullname: self._fire(n, m))
                 return spec
         return None
+
+    def _fire(self, name: str, module: ModuleType) -> None:
+        then = self.hooks.pop(name, None)
+        if then is None:
+            return
+        try:
+            then(module)
+        except Exception as e:  # never break the user's import of transformers over our registration
+            warnings.warn(
+                f"flexigpt: the compact format could not be registered with transformers' Auto classes ({e}); "
+                "import flexigpt.shared.engine.checkpoint to register it directly",
+                stacklevel=2,
+            )
 
 
 def install() -> None:
