@@ -89,8 +89,20 @@ def test_recipe_errors_import_nothing_heavy(prog, args, message):
     assert err.startswith(f"{prog}: ") and message in err
 
 
-def test_plan_module_is_pure_data():
-    code = f"import sys, flexigpt.shared.engine.plan; print(sorted(h for h in {HEAVY!r} if h in sys.modules))"
+@pytest.mark.parametrize(
+    "module",
+    [
+        "flexigpt.shared",
+        "flexigpt.shared.engine.plan",
+        "flexigpt.shared.recipe",
+        "flexigpt.shared.command",
+        "flexigpt.grow.recipe",
+        "flexigpt.prune.depth.recipe",
+        "flexigpt.shared.evaluate.cli",
+    ],
+)
+def test_plan_and_recipe_modules_import_nothing_heavy(module):
+    code = f"import sys, {module}; print(sorted(h for h in {HEAVY!r} if h in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
