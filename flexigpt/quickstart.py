@@ -62,10 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def set_environment() -> None:
-    """Offline and CPU settings for this process and its children (before torch / datasets load)."""
+def set_environment(probe_device: bool = True) -> None:
+    """Offline and CPU settings for this process and its children (before torch / datasets load).
+
+    Args:
+        probe_device: import torch to see whether a GPU is there (``DS_ACCELERATOR=cpu`` without
+            one); False when no step will run, which then loads no torch at all.
+    """
     os.environ.update({k: v for k, v in OFFLINE_ENV.items() if k != "OMP_WAIT_POLICY"})
     os.environ.setdefault("OMP_WAIT_POLICY", OFFLINE_ENV["OMP_WAIT_POLICY"])  # a user's choice stays
+    if not probe_device:
+        return
     import torch
 
     if not torch.cuda.is_available():
@@ -92,27 +99,32 @@ def check_settings(ctx: Context) -> None:
     _write_json(path, mine)
 
 
-def run(out: str | Path, tiny: bool = False, *, echo: bool = True) -> dict[str, Any]:
+def run(
+    out: str | Path, tiny: bool = False, *, echo: bool = True, started: float | None = None
+) -> dict[str, Any]:
     """Run (or resume) every step of the quickstart.
 
     Args:
         out: the run directory.
         tiny: use the small scale.
         echo: copy the commands' output to this process's stdout (it always goes to ``logs/``).
+        started: ``time.perf_counter()`` when this invocation began (``main`` takes it before
+            anything else); None: now.
 
     Returns:
         The timings record written to ``out/timings.json``: the seconds of every step (as its
         completion record holds them, whichever run finished it), the steps this run ran, and this
-        run's wall time.
+        run's wall time (everything it did, the checks of the skipped steps included).
 
     Raises:
         QuickstartError: a step failed (the message names the step and its log), or
             ``QuickstartInterrupted``: a signal stopped a command after its checkpoint.
     """
-    set_environment()
+    start = time.perf_counter() if started is None else started
+    pending = [s for s in STEPS if not (Path(out) / "steps" / f"{s.name}.json").is_file()]
+    set_environment(probe_device=bool(pending))
     ctx = Context(Path(out), SCALES["tiny" if tiny else "full"], echo=echo)
     check_settings(ctx)
-    start = time.perf_counter()
     timings: dict[str, float] = {}
     ran: list[str] = []
     n = len(STEPS)
@@ -146,9 +158,24 @@ def run(out: str | Path, tiny: bool = False, *, echo: bool = True) -> dict[str, 
     report = ctx.out / "report" / "report.md"
     if echo and report.is_file():
         print("\n" + report.read_text())
-    steps = ", ".join(f"{k} {v:.0f} s" + ("" if k in ran else " (earlier)") for k, v in timings.items())
-    print(f"quickstart finished in {total:.1f} s; steps: {steps}; report: {report}", flush=True)
+    print(finish_line(record, report), flush=True)
     return record
+
+
+def finish_line(record: dict[str, Any], report: Path) -> str:
+    """The last line of a run: what this invocation took, and which steps an earlier run did."""
+    timings, ran, total = record["steps"], record["ran_now"], record["seconds_this_run"]
+    steps = ", ".join(f"{k} {v:.0f} s" + ("" if k in ran else " (earlier)") for k, v in timings.items())
+    skipped = len(timings) - len(ran)
+    if not ran:
+        what = f"every step was done by an earlier run; this run checked them and skipped all {skipped} in {total:.1f} s"
+    elif skipped:
+        what = (
+            f"this run took {total:.1f} s ({len(ran)} steps run, {skipped} skipped: done by an earlier run)"
+        )
+    else:
+        what = f"this run took {total:.1f} s"
+    return f"quickstart finished: {what}; steps: {steps}; report: {report}"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -159,11 +186,22 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports), 0 where unknown."""
+    try:
+        import psutil  # a dependency of accelerate and DeepSpeed
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except (ImportError, OSError):
+        return 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (1: a step failed, reason on stderr; 128 + signal: stopped)."""
+    started = time.perf_counter() - _process_age()  # the run's wall time: from interpreter start
     args = _parser().parse_args(argv)
     try:
-        run(args.out, args.tiny)
+        run(args.out, args.tiny, started=started)
     except QuickstartInterrupted as e:
         print(f"flexigpt-quickstart: {e}", file=sys.stderr)
         return 128 + e.signum

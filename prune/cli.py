@@ -26,7 +26,6 @@ from typing import Any
 
 import yaml
 
-from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
 from flexigpt.shared.command import command_parser, run_command, signal_exit_status
 from flexigpt.shared.engine.plan import PlanError
@@ -79,6 +78,13 @@ def _method_kind(argv: list[str]) -> str | None:
     return kind if kind in METHOD_COMMANDS else None
 
 
+def _known_errors() -> tuple[type[Exception], ...]:
+    # PruneError lives beside the torch code that raises it; asked for only once a run has failed
+    from flexigpt.prune.depth.build import PruneError
+
+    return (PruneError, PlanError, RecipeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2: bad recipe or refused run; 128 + signal when stopped by one)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -87,6 +93,4 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(METHOD_COMMANDS[kind]).main(
             argv[:1] if argv[0] == "--help-recipe" else argv
         )
-    return run_command(
-        "flexigpt-prune", PruneRecipe, _parser(), argv, _run, (PruneError, PlanError, RecipeError)
-    )
+    return run_command("flexigpt-prune", PruneRecipe, _parser(), argv, _run, _known_errors)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,6 +28,7 @@ from flexigpt.shared.recipe import (
     describe_recipe,
     load_recipe,
 )
+from flexigpt.shared.threads import configure_cpu_threads
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -64,15 +66,61 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+HELP_RECIPE = "print every recipe field with its type, default and description, then exit"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, wrapping only at spaces: option names such as ``--help-recipe`` stay whole."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(
+            " ".join(text.split()),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
 def command_parser(prog: str, kind: str, description: str) -> argparse.ArgumentParser:
     """The argument parser every recipe command starts from: ``RECIPE.yaml [key.path=value ...]``.
 
     The command adds its own flags; every other knob is a recipe field (the flag set stays closed).
+    Flags may stand anywhere among the overrides (``run_command`` parses intermixed arguments).
     """
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=HelpFormatter,
+        epilog=f"Every knob is a recipe field: '{prog} --help-recipe' lists them; override any of them "
+        "as key.path=value.",
+    )
     p.add_argument("recipe", help=f"YAML recipe (kind: {kind})")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, validated like the file")
+    p.add_argument("--help-recipe", action="store_true", help=HELP_RECIPE)
     return p
+
+
+def wants_recipe_help(argv: list[str]) -> bool:
+    """Whether ``--help-recipe`` stands anywhere in `argv` (it needs no recipe, so argparse must not run first)."""
+    return "--help-recipe" in argv
+
+
+def refusal_message(recipe: BaseRecipe, exc: Exception, known: tuple[type[Exception], ...]) -> str | None:
+    """The one-line refusal for `exc` raised by a run of `recipe`, or None when it is a bug to show in full.
+
+    A `known` exception says what to change itself; a failed hub download gets a line naming the
+    recipe's hub ids and how to use local copies instead.
+    """
+    if isinstance(exc, known):
+        return str(exc)
+    from flexigpt.shared.hub import recipe_hub_message
+
+    return recipe_hub_message(recipe.model_dump(mode="json"), exc)
 
 
 def run_command(
@@ -81,7 +129,7 @@ def run_command(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
     run_fn: RunFn,
-    known_errors: tuple[type[Exception], ...] = (),
+    known_errors: tuple[type[Exception], ...] | Callable[[], tuple[type[Exception], ...]] = (),
 ) -> int:
     """The main of a recipe command: parse, validate, print the resolved recipe, run, map errors to exit 2.
 
@@ -92,17 +140,20 @@ def run_command(
         argv: the arguments (``sys.argv[1:]`` when None). ``--help-recipe`` first prints every field.
         run_fn: ``run_fn(recipe, args, log)`` does the work and returns the exit status; ``log`` is
             ``print`` on rank 0 and silent on the others.
-        known_errors: exceptions of `run_fn` that mean a refused run: their message, exit status 2.
+        known_errors: exceptions of `run_fn` that mean a refused run: their message, exit status 2
+            (or a function returning them, asked only once `run_fn` failed: classes that live beside
+            torch code need not be imported for ``--help`` or a bad recipe). A failed hub download
+            is answered the same way, in one line naming the recipe's hub ids.
 
     Returns:
         The exit status: 0, 2 for a bad recipe or a refused run, or what `run_fn` returns
         (``signal_exit_status``: 128 + signal number when a signal stopped training).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--help-recipe"]:
+    if wants_recipe_help(argv):
         print(describe_recipe(recipe_cls))
         return 0
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if not isinstance(recipe, recipe_cls):
@@ -112,8 +163,10 @@ def run_command(
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     main_rank = is_main_rank()
+    log = print if main_rank else _quiet
     if main_rank:
         print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
+    configure_cpu_threads(log)
     from flexigpt.shared.runguard import RunLockError, run_lock, stop_with_launcher
 
     stop_with_launcher()
@@ -123,9 +176,15 @@ def run_command(
         # run writes nothing, so it neither creates output_dir nor waits for another run's lock.
         writes = main_rank and not getattr(args, "plan_only", False)
         with run_lock(recipe.output_dir) if writes else contextlib.nullcontext():
-            return run_fn(recipe, args, print if main_rank else _quiet)
-    except (*known_errors, RunLockError) as e:
+            return run_fn(recipe, args, log)
+    except RunLockError as e:
         print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        message = refusal_message(recipe, e, known_errors() if callable(known_errors) else known_errors)
+        if message is None:
+            raise
+        print(f"{prog}: {message}", file=sys.stderr)
         return 2
 
 
@@ -143,15 +202,21 @@ def read_source_config(source: str, error: type[Exception], refusal: str) -> Pre
         refusal: what the command asks for instead of a compact checkpoint (ends the message).
 
     Raises:
-        error: the source is a compact (shared-block) checkpoint.
+        error: the source is a compact (shared-block) checkpoint, or its config cannot be read (one
+            line; a hub id that cannot be fetched is told how to point ``model.source`` at a directory).
     """
     from transformers import AutoConfig
 
     from flexigpt.shared.engine.checkpoint import is_compact
+    from flexigpt.shared.hub import hub_message
 
     if Path(source).is_dir() and is_compact(source):
         raise error(f"model.source={source!r} is a compact shared-block checkpoint; {refusal}")
-    return AutoConfig.from_pretrained(source)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as e:  # transformers' answer for no network, an unknown id, a directory without config
+        message = hub_message("model.source", source, e) or f"model.source={source!r}: {_first_line(e)}"
+        raise error(message) from e
 
 
 def load_command_tokenizer(
@@ -162,15 +227,25 @@ def load_command_tokenizer(
     Raises:
         error: no tokenizer could be loaded from either (the message ends with `advice`).
     """
+    from flexigpt.shared.hub import hub_message
     from flexigpt.shared.train.components import load_tokenizer
 
     try:
         return load_tokenizer(model)
     except (OSError, ValueError) as e:
+        key = "model.tokenizer" if model.tokenizer else "model.source"
+        hub = hub_message(key, model.tokenizer or model.source, e, "the tokenizer")
+        if hub is not None:
+            raise error(hub) from e
         raise error(
             f"model.tokenizer={model.tokenizer!r} / model.source={model.source!r}: no tokenizer "
-            f"could be loaded ({e}); {advice}"
+            f"could be loaded ({_first_line(e)}); {advice}"
         ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    # transformers' messages run to several lines of advice; the commands answer in one
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def barrier() -> None:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,7 @@ def test_tiny_quickstart_end_to_end_then_resumes(tmp_path):
     second = _quickstart(out)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done in an earlier run") == 6
+    assert "quickstart finished: every step was done by an earlier run" in second.stdout
     assert (out / "base" / "final_materialized" / "model.safetensors").stat().st_mtime_ns == mtime
     again = json.loads((out / "timings.json").read_text())
     assert again["ran_now"] == [] and again["steps"] == timings["steps"]
@@ -203,3 +205,26 @@ def test_a_run_dir_of_another_scale_is_refused(tmp_path):
     with pytest.raises(QuickstartError, match="other settings"):
         run(out, tiny=True, echo=False)
     assert sorted(p.name for p in out.iterdir()) == ["quickstart.json"]
+
+
+def test_a_run_with_every_step_done_reports_its_own_wall_time(tmp_path, capsys):
+    from flexigpt.quickstart import run
+    from flexigpt.quickstart_scale import SCALES
+    from flexigpt.quickstart_steps import STEPS
+
+    out = tmp_path / "qs"
+    out.mkdir()
+    settings = {"scale": "tiny", "settings": SCALES["tiny"].as_dict()}
+    (out / "quickstart.json").write_text(json.dumps(settings))
+    (out / "steps").mkdir()
+    for i, step in enumerate(STEPS):
+        (out / "steps" / f"{step.name}.json").write_text(json.dumps({"step": step.name, "seconds": 10.0 + i}))
+    # the invocation began 1.5 s before run() was called (imports, argument parsing)
+    record = run(out, tiny=True, echo=False, started=time.perf_counter() - 1.5)
+    assert record["ran_now"] == [] and record["seconds_this_run"] >= 1.5
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(
+        f"quickstart finished: every step was done by an earlier run; this run checked them and skipped "
+        f"all {len(STEPS)} in {record['seconds_this_run']:.1f} s"
+    )
+    assert "corpus 10 s (earlier)" in last

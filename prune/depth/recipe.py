@@ -8,20 +8,34 @@ reading the default takes; ``describe_recipe(PruneRecipe)`` prints them all and
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import sys
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flexigpt.prune.depth.importance import IMPORTANCE_METRICS
-from flexigpt.prune.depth.replace import ReplacementOptions
 from flexigpt.shared.command import CommandRecipe
 from flexigpt.shared.engine.plan import TARGETS
 from flexigpt.shared.evaluate.cli import PerplexitySection
 from flexigpt.shared.recipe import Section, StreamSection, register_recipe_kind
 
+if TYPE_CHECKING:
+    from flexigpt.prune.depth.replace import ReplacementOptions
+
 Target = Literal["q", "k", "v", "o", "gate", "up", "down"]
 Variant = Literal["flexigpt", "shortgpt", "shortgpt_lora"]
 VARIANTS: tuple[str, ...] = ("flexigpt", "shortgpt", "shortgpt_lora")
+# The metrics importance.py registers. The recipe is checked against these names so that a bad
+# recipe is answered without importing torch; a metric registered by the user's own code (which has
+# imported the registry by then) is accepted too.
+BUILTIN_METRICS: tuple[str, ...] = ("block_influence", "angular_distance", "ppl_drop")
+
+
+def importance_metric_names() -> list[str]:
+    """The metric names a recipe may use: the built-in ones, plus any registered in this process."""
+    registry = sys.modules.get("flexigpt.prune.depth.importance")
+    names = dict.fromkeys(BUILTIN_METRICS)
+    names.update(dict.fromkeys(getattr(registry, "IMPORTANCE_METRICS", {})))
+    return list(names)
 
 
 class CalibrationSection(Section):
@@ -231,8 +245,9 @@ class PruneSection(Section):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if v not in IMPORTANCE_METRICS:
-            raise ValueError(f"metric={v!r} is unknown; allowed: {sorted(IMPORTANCE_METRICS)}")
+        allowed = importance_metric_names()
+        if v not in allowed:
+            raise ValueError(f"metric={v!r} is unknown; allowed: {sorted(allowed)}")
         return v
 
     @model_validator(mode="after")
@@ -245,6 +260,8 @@ class PruneSection(Section):
 
     def options(self) -> ReplacementOptions:
         """The replacement options of this section (gamma 'calibrate' starts at the first candidate)."""
+        from flexigpt.prune.depth.replace import ReplacementOptions  # torch: only once a run starts
+
         r, s = self.replace, self.selection
         gamma = r.gamma_candidates[0] if r.gamma == "calibrate" else float(r.gamma)
         return ReplacementOptions(

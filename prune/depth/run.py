@@ -357,8 +357,9 @@ def _build(
             )
             + "\n"
         )
+        tried = ", ".join(f"{g:g}: {p:.2f}" for g, p in cal.table)
         log(
-            f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.4g}; tried {cal.table}) "
+            f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.2f}; tried {tried}) "
             f"on {text['described']}"
         )
         plan = variant_plan(recipe, config, name, list(plan.removed_blocks), sel, cal)

@@ -86,11 +86,11 @@ def summary_table(s: PruneSummary) -> str:
         source_params = v["source_params"]
         lines.append(
             f"{name:<14} {v['slots']:>5} {v['physical_blocks']:>6} {v['stored_params']:>15,} "
-            f"{v['stored_vs_source']:>9.2%} {v['start_ppl']:>10.4g}"
+            f"{v['stored_vs_source']:>9.2%} {v['start_ppl']:>10.2f}"
         )
     n = s.source["layers"]
     src = f"{source_params:>15,}" if source_params else f"{'':>15}"
-    lines.insert(1, f"{'unpruned':<14} {n:>5} {n:>6} {src} {'100.00%':>9} {s.source['start_ppl']:>10.4g}")
+    lines.insert(1, f"{'unpruned':<14} {n:>5} {n:>6} {src} {'100.00%':>9} {s.source['start_ppl']:>10.2f}")
     lines += [f"{k}: {v}" for k, v in s.texts.items() if isinstance(v, str)]
     lines.append(f"peak resident memory of the pruning step: {s.peak_rss_mib:,.0f} MiB")
     return "\n".join(lines)

@@ -26,12 +26,6 @@ from flexigpt.shared.engine.parts import ADAPTER, OUT_NORM, OWN_NORM
 from flexigpt.shared.engine.plan import Plan, SlotSpec
 
 CARD_NAME = "README.md"
-LOAD_HINT = (
-    "flexigpt compact shared-block checkpoint: transformers alone does not know model_type 'flexigpt'. "
-    "pip install flexigpt (or pip install -e . in a clone of the project), then `import flexigpt.shared` "
-    "before AutoModelForCausalLM.from_pretrained(this directory); see README.md here."
-)
-"""Stored in the compact ``config.json`` as ``how_to_load``."""
 
 
 def dense_param_count(model: PreTrainedModel) -> int:

@@ -3,7 +3,7 @@
 A compact checkpoint directory holds:
 
 - ``config.json`` with ``model_type: "flexigpt"``, the source model's config (``base_config``) and
-  the plan; transformers reads it through ``AutoConfig`` once this package is imported;
+  the plan; transformers reads it through ``AutoConfig`` once ``flexigpt.shared`` is imported;
 - ``model.safetensors`` (or, past ``max_shard_size``, shards named by
   ``model.safetensors.index.json``, as transformers writes them) with every *physical* block once (``blocks.<b>.<name>``), every slot's own
   parameters (``slots.<i>.<name>``: LoRA factors, output norms, private norms), and the tensors
@@ -16,7 +16,8 @@ A compact checkpoint directory holds:
 
 ``AutoModelForCausalLM.from_pretrained(dir)`` restores the sharing (the same Parameter objects),
 bit-identical outputs and the plan, with no ``trust_remote_code``: the model class it resolves to
-is registered by this module and builds the model from the plan.
+(``autoclass.FlexiGPTForCausalLM``) builds the model from the plan. Importing this module registers
+it; ``import flexigpt.shared`` registers it when transformers' Auto classes are first imported.
 """
 
 from __future__ import annotations
@@ -33,13 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import (
-    CONFIG_MAPPING,
-    AutoConfig,
-    AutoModelForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
 
 from flexigpt.shared.engine.apply import (
     SOURCE_CLASSES,
@@ -50,10 +45,14 @@ from flexigpt.shared.engine.apply import (
     iter_slot_params,
     materialize,
 )
-from flexigpt.shared.engine.card import CARD_NAME, LOAD_HINT, model_card
+from flexigpt.shared.engine.autoclass import FlexiGPTConfig, FlexiGPTForCausalLM, register_auto_classes
+from flexigpt.shared.engine.card import CARD_NAME, model_card
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.parts import BLOCK, OWN_NORM, skeleton, slot_param_roles, top_params
 from flexigpt.shared.engine.plan import Plan, PlanError
+
+# Whoever imports this module can load compact checkpoints through the Auto classes at once, hook or not.
+register_auto_classes()
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,53 +61,6 @@ FORMAT_VERSION = "flexigpt-compact/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory is incomplete or does not match its plan."""
-
-
-class FlexiGPTConfig(PretrainedConfig):
-    """Config of a compact checkpoint: the source config plus the plan."""
-
-    model_type = "flexigpt"
-
-    def __init__(
-        self,
-        base_config: dict[str, Any] | None = None,
-        plan: dict[str, Any] | None = None,
-        how_to_load: str = LOAD_HINT,
-        **kw: Any,
-    ):
-        self.base_config = base_config
-        self.plan = plan
-        # Read by people only: what to install when transformers does not recognise the format.
-        self.how_to_load = how_to_load
-        super().__init__(**kw)
-
-
-class FlexiGPTForCausalLM(PreTrainedModel):
-    """Auto-class entry point: ``from_pretrained`` builds the shared model described by the config.
-
-    Instances of this class are never made: ``from_pretrained`` returns a
-    ``Shared<Family>ForCausalLM`` (see ``engine.py``), a subclass of the source architecture.
-    """
-
-    config_class = FlexiGPTConfig
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *_: Any, **kwargs: Any):  # type: ignore[override]
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        return load_compact(
-            pretrained_model_name_or_path,
-            dtype=None if dtype == "auto" else dtype,
-            # the Auto class moves `attn_implementation` into the config it passes on
-            attn_implementation=kwargs.get("attn_implementation")
-            or getattr(kwargs.get("config"), "_attn_implementation_internal", None),
-        )
-
-
-def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know the compact format (idempotent)."""
-    if "flexigpt" not in CONFIG_MAPPING:
-        AutoConfig.register("flexigpt", FlexiGPTConfig)
-        AutoModelForCausalLM.register(FlexiGPTConfig, FlexiGPTForCausalLM)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """``flexigpt-eval``: evaluate named models (perplexity, zero-shot) and write the report.
 
-    flexigpt-eval [CONFIG.yaml] [key.path=value ...]
-    flexigpt-eval --help-config
+    flexigpt-eval [RECIPE.yaml] [key.path=value ...]
+    flexigpt-eval --help-recipe
 
-Every knob is a field of ``EvalConfig`` (``--help-config`` lists them with their defaults); a YAML
+Every knob is a field of ``EvalConfig`` (``--help-recipe`` lists them with their defaults; the
+older spelling ``--help-config`` still works); a YAML
 file and ``key=value`` overrides are merged before validation, so both go through the same
 checks. For example::
 
@@ -18,15 +19,15 @@ same inputs reuses it (``reuse=false`` recomputes). The quickstart calls ``run_e
 
 from __future__ import annotations
 
+import argparse
 import gc
 import hashlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
@@ -38,6 +39,9 @@ from flexigpt.shared.recipe import (
     describe_recipe,
     format_validation_error,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PerplexitySection(Section):
@@ -183,6 +187,8 @@ def _fingerprint(cfg: EvalConfig, path: str) -> str:
 
 
 def _device_dtype(cfg: EvalConfig) -> tuple[torch.device, torch.dtype]:
+    import torch
+
     cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     if cfg.dtype != "auto":
@@ -268,6 +274,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from flexigpt.shared.engine.checkpoint import load_model
     from flexigpt.shared.evaluate.perplexity import load_tokenizer
     from flexigpt.shared.evaluate.report import Variant, write_report
+    from flexigpt.shared.hub import hub_message
 
     out = Path(cfg.output_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
@@ -289,9 +296,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         except (OSError, ValueError) as e:
             where = "tokenizer" if cfg.tokenizer else f"models.{name}"
             raise ValueError(
-                f"{where}: cannot load a tokenizer from {cfg.tokenizer or path} ({e}); set tokenizer="
+                hub_message(where, cfg.tokenizer or path, e, "the tokenizer")
+                or f"{where}: cannot load a tokenizer from {cfg.tokenizer or path} ({e}); set tokenizer="
             ) from e
-        model = load_model(path, dtype=dtype).to(device).eval()
+        try:
+            model = load_model(path, dtype=dtype)
+        except OSError as e:
+            raise ValueError(hub_message(f"models.{name}", path, e, "the model") or str(e)) from e
+        model = model.to(device).eval()
         variant = evaluate_variant(name, model, tokenizer, cfg, path)
         variant.extra.update(
             {"seconds": round(time.time() - t0, 1), "device": str(device), "dtype": str(dtype)}
@@ -312,24 +324,50 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     )
 
 
+def _parser() -> argparse.ArgumentParser:
+    from flexigpt.shared.command import HELP_RECIPE, HelpFormatter
+
+    p = argparse.ArgumentParser(
+        prog="flexigpt-eval",
+        description="Evaluate named models (perplexity, zero-shot tasks through lm-eval) and write the report "
+        "(report.json, report.md, PNG plots). Models are compact directories, plain HF directories or hub ids; "
+        "an unchanged model's saved result is reused. See docs/evaluation.md.",
+        formatter_class=HelpFormatter,
+        epilog="Every knob is a recipe field: 'flexigpt-eval --help-recipe' lists them; override any of them "
+        "as key.path=value. Example: flexigpt-eval models.base=runs/base/final models.pruned=runs/prune/final "
+        "output_dir=runs/eval perplexity.files='[data/test.txt]' zeroshot.limit=200",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="[RECIPE.yaml] key.path=value",
+        help="an optional YAML recipe, then key.path=value overrides, validated like the file",
+    )
+    p.add_argument("--help-recipe", action="store_true", help=HELP_RECIPE)
+    p.add_argument("--help-config", action="store_true", help=argparse.SUPPRESS)  # the older spelling
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``flexigpt-eval``; returns the exit status."""
+    """Entry point of ``flexigpt-eval``; returns the exit status (2: bad recipe or inputs)."""
+    from flexigpt.shared.command import wants_recipe_help
+    from flexigpt.shared.threads import configure_cpu_threads
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
-        return 0
-    if argv[:1] == ["--help-config"]:
+    if wants_recipe_help(argv) or "--help-config" in argv:
         print(describe_recipe(EvalConfig))
         return 0
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    inputs = _parser().parse_intermixed_args(argv).inputs
+    path = inputs.pop(0) if inputs and "=" not in inputs[0] else None
     try:
-        cfg = load_config(path, argv)
+        cfg = load_config(path, inputs)
     except (OSError, ValueError) as e:
         print(f"flexigpt-eval: {e}", file=sys.stderr)
         return 2
     print(
         f"# resolved eval config\n{yaml.safe_dump(cfg.model_dump(mode='json'), sort_keys=False)}", flush=True
     )
+    configure_cpu_threads()
     try:
         report = run_eval(cfg)
     except (OSError, ValueError) as e:  # bad paths, tasks, tags, report inputs: named in the message

@@ -81,7 +81,7 @@ class PerplexityResult:
     def summary(self) -> str:
         """One line with the result and the settings it depends on."""
         return (
-            f"ppl {self.ppl:.4g} (nll {self.nll:.4f}/token over {self.tokens} tokens; "
+            f"ppl {self.ppl:.2f} (nll {self.nll:.4f}/token over {self.tokens} tokens; "
             f"context_len {self.context_len}, stride {self.stride}, {self.windows} windows)"
         )
 

@@ -20,10 +20,12 @@ Indexing lm-eval's built-in task registry takes seconds, so task managers are bu
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +220,8 @@ def evaluate_zeroshot(
     wanted = parse_tasks(tasks)
     tm = get_task_manager(include_path, include_defaults)
     check_tasks(tm, wanted)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    with _without_object_model_warning():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     was_training = model.training
     model.eval()
     try:
@@ -230,6 +233,32 @@ def evaluate_zeroshot(
     if out is None:  # only non-zero ranks of a distributed run get None
         raise ZeroShotError("lm-eval returned no results on this rank")
     return collect_scores(out, wanted, limit=limit, batch_size=batch_size)
+
+
+class _DropObjectModelWarning(logging.Filter):
+    """Drops lm-eval's "`pretrained` model kwarg is not of type `str`" record (see below)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("`pretrained` model kwarg is not of type `str`")
+
+
+@contextlib.contextmanager
+def _without_object_model_warning() -> Iterator[None]:
+    """Silence one lm-eval warning while HFLM is built from a model object.
+
+    lm-eval warns on every model object that "many other model arguments may be ignored": those are
+    the loading arguments (revision, dtype, parallelize...), which a loaded model has no use for.
+    The arguments passed here (tokenizer, batch_size, max_length) are all honoured, and the model
+    must be passed as an object: a shared model is evaluated as it is in memory. Every other
+    record of that logger still shows.
+    """
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    drop = _DropObjectModelWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def collect_scores(

@@ -23,18 +23,21 @@ import os
 import sys
 from collections.abc import Callable
 
+from flexigpt.shared.command import HelpFormatter, command_parser, refusal_message, wants_recipe_help
 from flexigpt.shared.recipe import RECIPE_KINDS, RecipeError, describe_recipe, load_recipe
+from flexigpt.shared.threads import configure_cpu_threads
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="flexigpt-train",
-        description="Continued pre-training with DeepSpeed ZeRO on a streamed corpus (see docs/training.md).",
-        epilog="Subcommand: 'flexigpt-train export CHECKPOINT OUT_DIR [--materialize]'. "
-        "'--help-recipe' lists every recipe field.",
+    p = command_parser(
+        "flexigpt-train",
+        "train",
+        "Continued pre-training with DeepSpeed ZeRO on a streamed corpus (see docs/training.md).",
     )
-    p.add_argument("recipe", help="YAML recipe (kind: train)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides, validated like the file")
+    p.epilog = (
+        f"{p.epilog} Subcommand: 'flexigpt-train export CHECKPOINT OUT_DIR [--materialize]' "
+        "('flexigpt-train export --help')."
+    )
     p.add_argument(
         "--resume",
         default="auto",
@@ -64,6 +67,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flexigpt-train export",
         description="Write the model of a training checkpoint (compact format), without a training engine.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", help="output_dir/checkpoints/step_N, or output_dir/checkpoints (newest)")
     p.add_argument("out_dir", help="directory of the compact model")
@@ -77,22 +81,25 @@ def _export_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (128 + signal number when stopped by a signal)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--help-recipe"]:
+    if argv[:1] == ["export"]:
+        args = _export_parser().parse_intermixed_args(argv[1:])
+        configure_cpu_threads()
+        return _guarded("flexigpt-train export", lambda: _export(args))
+    if wants_recipe_help(argv):
         for kind, cls in RECIPE_KINDS.items():
             print(f"# kind: {kind}\n{describe_recipe(cls)}\n")
         return 0
-    if argv[:1] == ["export"]:
-        args = _export_parser().parse_args(argv[1:])
-        return _guarded("flexigpt-train export", lambda: _export(args))
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:
         print(f"flexigpt-train: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
         print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
-    return _guarded("flexigpt-train", lambda: _train(recipe, args))
+    configure_cpu_threads(print if main_rank else None)
+    return _guarded("flexigpt-train", lambda: _train(recipe, args), recipe)
 
 
 def _train(recipe: object, args: argparse.Namespace) -> int:
@@ -118,8 +125,11 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(prog: str, fn: Callable[[], int]) -> int:
-    """Run `fn`; a refused run prints one line and returns 2, a failed one prints what to change and returns 1."""
+def _guarded(prog: str, fn: Callable[[], int], recipe: object = None) -> int:
+    """Run `fn`; a refused run prints one line and returns 2, a failed one prints what to change and returns 1.
+
+    With the run's `recipe`, a failed hub download is answered in one line too (naming its hub ids).
+    """
     from flexigpt.shared.engine.checkpoint import CheckpointError
     from flexigpt.shared.engine.plan import PlanError
     from flexigpt.shared.runguard import RunLockError
@@ -136,6 +146,12 @@ def _guarded(prog: str, fn: Callable[[], int]) -> int:
     except TrainingError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        message = refusal_message(recipe, e, ()) if recipe is not None else None
+        if message is None:
+            raise
+        print(f"{prog}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

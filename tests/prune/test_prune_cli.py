@@ -161,7 +161,7 @@ def test_prune_builds_measures_trains_resumes_and_refuses(prune_workspace, tmp_p
     assert len(removed) == 2 and summary["peak_rss_mib"] > 0
     assert (
         summary["source"]["start_ppl"] > 1
-        and f"start perplexity [unpruned]: ppl {summary['source']['start_ppl']:.4g}" in text
+        and f"start perplexity [unpruned]: ppl {summary['source']['start_ppl']:.2f}" in text
     )
 
     # every variant's compact checkpoint stores exactly the parameters its plan predicts
