@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.files import write_text_atomic
 
 # One metric: (model, decoder layers, calibration samples, progress flag) -> (per-block scores, extras).
 MetricFn = Callable[
@@ -140,7 +141,7 @@ class ImportanceResult:
 
     def save(self, path: str | Path) -> None:
         """Write the scores as JSON to `path`."""
-        Path(path).write_text(self.to_json() + "\n")
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ImportanceResult:

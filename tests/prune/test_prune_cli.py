@@ -221,10 +221,14 @@ def test_prune_builds_measures_trains_resumes_and_refuses(prune_workspace, tmp_p
 def test_rank_above_a_target_is_clamped_for_that_target(prune_workspace, tmp_path):
     """A rank larger than a small matrix (GQA k/v in 7B-scale recipes) is clamped per target."""
     out = tmp_path / "r"
-    assert (
-        _prune(prune_workspace, out, "prune.replace.rank=64", "prune.variants=[flexigpt]", "--prune-only")
-        == 0
-    )
+    # rank 64 on 32-wide matrices: full-rank adapters outgrow the blocks they replace, loudly
+    with pytest.warns(
+        UserWarning, match=r"\[flexigpt\] the pruned model does not shrink: .* \d+% of the source"
+    ):
+        assert (
+            _prune(prune_workspace, out, "prune.replace.rank=64", "prune.variants=[flexigpt]", "--prune-only")
+            == 0
+        )
     plan = Plan.load(next(out.rglob("initial/plan.json")))
     adapters = [s.adapter for s in plan.slots if s.adapter is not None]
     assert adapters and all(a.rank == 64 for a in adapters)

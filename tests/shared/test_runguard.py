@@ -121,3 +121,29 @@ def test_atomic_text_replaces_the_file_and_user_modes_undo_mkdtemp(tmp_path: Pat
     assert stat.S_IMODE(d.stat().st_mode) == 0o750
     assert stat.S_IMODE((d / "sub").stat().st_mode) == 0o750
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o640
+
+
+def test_recipes_and_plans_are_replaced_not_rewritten_in_place(tmp_path: Path) -> None:
+    """A run directory's recipe.yaml / plan.json (and the prune step files, same helper) are never
+    seen half-written: the old file stays whole for whoever holds it."""
+    from flexigpt.shared.engine.plan import Plan
+    from flexigpt.shared.recipe import recipe_from_dict
+
+    plan = Plan.identity("llama", 2)
+    plan.save(tmp_path / "plan.json")
+    os.link(tmp_path / "plan.json", tmp_path / "held_plan")
+    Plan.identity("llama", 3).save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "held_plan") == plan and Plan.load(tmp_path / "plan.json").num_slots == 3
+
+    raw = {
+        "kind": "train",
+        "model": {"source": "m"},
+        "train": {"max_steps": 1, "grad_accum": 1},
+        "output_dir": "o",
+    }
+    recipe_from_dict(raw).save(tmp_path / "recipe.yaml")
+    os.link(tmp_path / "recipe.yaml", tmp_path / "held_recipe")
+    raw["train"]["max_steps"] = 2
+    recipe_from_dict(raw).save(tmp_path / "recipe.yaml")
+    assert "max_steps: 1" in (tmp_path / "held_recipe").read_text()
+    assert "max_steps: 2" in (tmp_path / "recipe.yaml").read_text()
