@@ -93,6 +93,8 @@ def run_command(
         run_fn: ``run_fn(recipe, args, log)`` does the work and returns the exit status; ``log`` is
             ``print`` on rank 0 and silent on the others.
         known_errors: exceptions of `run_fn` that mean a refused run: their message, exit status 2.
+            Exceptions with an ``exit_status`` attribute (the trainer's) print their message and
+            exit with that status.
 
     Returns:
         The exit status: 0, 2 for a bad recipe or a refused run, or what `run_fn` returns
@@ -120,11 +122,21 @@ def run_command(
     try:
         # rank 0 holds output_dir for the whole command (the trainer it hands over to takes the
         # same lock again); a refused rank 0 exits 2 and the launcher stops the others
-        with run_lock(recipe.output_dir) if main_rank else contextlib.nullcontext():
+        # (--plan-only writes nothing, so it leaves output_dir alone)
+        locked = main_rank and not getattr(args, "plan_only", False)
+        with run_lock(recipe.output_dir) if locked else contextlib.nullcontext():
             return run_fn(recipe, args, print if main_rank else _quiet)
     except (*known_errors, RunLockError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # the trainer's refusals and failures (resume, data, divergence, a failed save) carry their
+        # exit status; anything else is a bug and keeps its traceback
+        status = getattr(e, "exit_status", None)
+        if status is None:
+            raise
+        print(f"{prog}: {e}", file=sys.stderr)
+        return int(status)
 
 
 def signal_exit_status(interrupted_by: int | None) -> int:

@@ -57,6 +57,8 @@ _BUILDERS = {"jsonl": "json", "parquet": "parquet", "txt": "text"}
 class DataError(ValueError):
     """Bad data configuration or a stream state that does not fit; the message names the field."""
 
+    exit_status = 2  # a refused run: the commands print the message and exit with this status
+
 
 # --------------------------------------------------------------------------------------- documents
 def resolve_files(cfg: StreamSection) -> tuple[list[str], str]:

@@ -234,3 +234,20 @@ def test_rank_above_a_target_is_clamped_for_that_target(prune_workspace, tmp_pat
     assert adapters and all(a.rank == 64 for a in adapters)
     for a in adapters:  # the tiny model's matrices are 32 wide: every target is clamped to its size
         assert a.rank_pattern and max(a.rank_pattern.values()) <= 32
+
+
+def test_a_second_run_on_a_locked_output_dir_is_refused(prune_workspace, tmp_path, capsys):
+    """The run lock covers the prune command (and its recovery runs) from the start."""
+    out = tmp_path / "locked"
+    hold = "import sys, time\nfrom flexigpt.shared.runguard import run_lock\nwith run_lock(sys.argv[1]):\n" \
+           "    print('locked', flush=True)\n    time.sleep(600)\n"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _prune(prune_workspace, out, "--prune-only") == 2
+        err = capsys.readouterr().err
+        assert f"flexigpt-prune: another run (pid {holder.pid}, host " in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == [".flexigpt.lock"]  # nothing of the prune
+    finally:
+        holder.kill()
+        holder.wait()
