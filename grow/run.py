@@ -29,6 +29,7 @@ from transformers import PretrainedConfig
 from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.checkpoint import load_model, save_compact
 from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import TrainRecipe
 
 from .build import ParamCounts, check_fits, grow_model, param_counts
@@ -132,7 +133,7 @@ def build_initial(recipe: GrowRecipe, setup: GrowSetup, tokenizer: Any = None) -
         save_compact(model, setup.initial_dir, tokenizer=tokenizer)
     else:
         _save_plain(model, setup.initial_dir, tokenizer)
-    (setup.output_dir / "grow_recipe.yaml").write_text(recipe.to_yaml())
+    write_text_atomic(setup.output_dir / "grow_recipe.yaml", recipe.to_yaml())
     setup.plan.save(setup.plan_file)
     return setup.initial_dir
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, PlanError, SlotSpec
+from flexigpt.shared.files import write_text_atomic
 
 DENSE_PLAN_FORMAT = "flexigpt-dense-plan/1"
 PLACEMENTS: tuple[str, ...] = ("block", "sequential")
@@ -122,7 +123,7 @@ class DensePlan:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DensePlan:

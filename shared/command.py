@@ -144,6 +144,8 @@ def run_command(
             (or a function returning them, asked only once `run_fn` failed: classes that live beside
             torch code need not be imported for ``--help`` or a bad recipe). A failed hub download
             is answered the same way, in one line naming the recipe's hub ids.
+            Exceptions with an ``exit_status`` attribute (the trainer's) print their message and
+            exit with that status.
 
     Returns:
         The exit status: 0, 2 for a bad recipe or a refused run, or what `run_fn` returns
@@ -181,6 +183,12 @@ def run_command(
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        # the trainer's refusals and failures (resume, data, divergence, a failed save) carry their
+        # exit status; anything else known is refused with exit 2, the rest is a bug with its traceback
+        status = getattr(e, "exit_status", None)
+        if status is not None:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return int(status)
         message = refusal_message(recipe, e, known_errors() if callable(known_errors) else known_errors)
         if message is None:
             raise

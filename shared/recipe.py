@@ -37,6 +37,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flexigpt.shared.files import write_text_atomic
+
 # The subsets of SlimPajama (field meta.redpajama_set_name of every document).
 SLIMPAJAMA_SUBSETS: tuple[str, ...] = (
     "RedPajamaCommonCrawl",
@@ -353,7 +355,7 @@ class BaseRecipe(Section):
 
     def save(self, path: str | Path) -> None:
         """Write the resolved recipe to `path` as YAML."""
-        Path(path).write_text(self.to_yaml())
+        write_text_atomic(path, self.to_yaml())
 
 
 class TrainRecipe(BaseRecipe):

@@ -47,6 +47,8 @@ _guarded_parent: int | None = None  # the launcher pid stop_with_launcher watche
 class RunLockError(RuntimeError):
     """Another run holds ``output_dir``, or ``output_dir`` cannot hold a run; the message says which."""
 
+    exit_status = 2  # a refused run: the commands print the message and exit with this status
+
 
 def _holder(lock_file: Path) -> str:
     try:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.evaluate.perplexity import sample_perplexity, token_rows
+from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.text import TextRule
 
 # One metric: (model, decoder layers, calibration samples, progress flag) -> (per-block scores, extras).
@@ -143,7 +144,7 @@ class ImportanceResult:
 
     def save(self, path: str | Path) -> None:
         """Write the scores as JSON to `path`."""
-        Path(path).write_text(self.to_json() + "\n")
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ImportanceResult:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import resource
+import warnings
 from collections.abc import Callable
 from dataclasses import replace as dc_replace
 from pathlib import Path
@@ -53,6 +54,7 @@ from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_
 from flexigpt.shared.engine.apply import expected_trainable
 from flexigpt.shared.engine.checkpoint import load_compact, save_compact
 from flexigpt.shared.engine.plan import Plan, PlanError
+from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import TrainRecipe
 
 INITIAL, PLAIN = "initial", "initial_plain"
@@ -237,7 +239,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
     settings = run_settings(recipe, n)
     precheck(recipe, config, rd, n)
     rd.root.mkdir(parents=True, exist_ok=True)
-    rd.settings.write_text(json.dumps(settings, indent=1) + "\n")
+    write_text_atomic(rd.settings, json.dumps(settings, indent=1) + "\n")
     recipe.save(rd.recipe)
     device = resolve_device(recipe)
     source = SourceModel(recipe, device, resolve_dtype(recipe, device), log)
@@ -318,6 +320,15 @@ def _log_plans(
         if not pending:
             log(f"[{name}] {plan.summary()}")
         log(f"[{name}] stored parameters: {stored:,} = {stored / source:.2%} of the source's {source:,}")
+        # adapters of rank r cost r x (rows + columns) per matrix: they can outgrow the block they replace
+        if stored >= source:
+            msg = (
+                f"[{name}] the pruned model does not shrink: {stored:,} stored parameters, {stored / source:.0%} of "
+                f"the source's {source:,}. Lower prune.replace.rank={recipe.prune.replace.rank} well below the "
+                f"hidden size ({config.hidden_size})"
+            )
+            log(f"WARNING: {msg}")
+            warnings.warn(msg, stacklevel=2)
         if pending:
             log(
                 f"[{name}] gamma: calibrate (chosen from {r.gamma_candidates} once the model is built; "
@@ -351,11 +362,12 @@ def _build(
         )
         cal = calibrate_gamma(model, samples, candidates=r.gamma_candidates, rule=r.gamma_rule)
         vdir.mkdir(parents=True, exist_ok=True)
-        (vdir / "gamma.json").write_text(
+        write_text_atomic(
+            vdir / "gamma.json",
             json.dumps(
                 {"gamma": cal.gamma, "target_ppl": cal.target_ppl, "table": cal.table, "text": text}, indent=1
             )
-            + "\n"
+            + "\n",
         )
         tried = ", ".join(f"{g:g}: {p:.2f}" for g, p in cal.table)
         log(

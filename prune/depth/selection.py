@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import TARGETS
+from flexigpt.shared.files import write_text_atomic
 
 METRICS: dict[str, str] = {
     "low_rank": "eq. 2: residual of the rank-r adapter between rank-r reconstructions (default)",
@@ -238,7 +239,7 @@ class SelectionResult:
 
     def save(self, path: str | Path) -> None:
         """Write the result as JSON to `path`."""
-        Path(path).write_text(self.to_json() + "\n")
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> SelectionResult:

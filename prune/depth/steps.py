@@ -35,6 +35,7 @@ from flexigpt.shared.evaluate.perplexity import (
     perplexity,
     stream_documents,
 )
+from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import RecipeError, StreamSection
 from flexigpt.shared.text import TextRule, describe_stream, describe_text, resolve_text_rule
 from flexigpt.shared.train.components import DTYPES, PRECISION_DTYPE
@@ -416,7 +417,9 @@ class StartPerplexity:
                 model, tokens, context_len=context, stride=stride, batch_size=batch, desc=f"{name} ppl"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": self.settings, "result": result.to_dict()}, indent=1) + "\n")
+        write_text_atomic(
+            path, json.dumps({"settings": self.settings, "result": result.to_dict()}, indent=1) + "\n"
+        )
         log(f"start perplexity [{name}]: {result.summary()} on {self.text}")
         return result
 

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from flexigpt.prune.depth.importance import ImportanceResult
 from flexigpt.shared.engine.apply import expected_trainable
 from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.files import write_text_atomic
 
 SUMMARY_FORMAT = "flexigpt-prune-summary/1"
 
@@ -72,7 +73,7 @@ def write_summary(path: Path, imp: ImportanceResult, s: PruneSummary) -> None:
         "peak_rss_mib": round(s.peak_rss_mib, 1),
         "peak_rss_note": "ru_maxrss of the process that ran this pruning step, up to its end (before training)",
     }
-    path.write_text(json.dumps(d, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(d, indent=1) + "\n")
 
 
 def summary_table(s: PruneSummary) -> str:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexigpt.shared.files import write_text_atomic
+
 PLAN_FORMAT = "flexigpt-plan/1"
 
 # Short names of the linear layers an adapter may target. The architecture layout maps each to a
@@ -231,7 +233,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:

@@ -35,6 +35,8 @@ import queue
 import signal
 import traceback
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,8 @@ _BUILDERS = {"jsonl": "json", "parquet": "parquet", "txt": "text"}
 
 class DataError(ValueError):
     """Bad data configuration or a stream state that does not fit; the message names the field."""
+
+    exit_status = 2  # a refused run: the commands print the message and exit with this status
 
 
 # --------------------------------------------------------------------------------------- documents
@@ -111,7 +115,8 @@ def open_documents(cfg: StreamSection) -> Any:
     text = "text" if fmt == "txt" else cfg.text_field
     columns = list(ds.features) if ds.features is not None else None
     if columns is not None and text not in columns:
-        raise DataError(f"text_field={text!r} is not a column of the data; columns: {columns}")
+        where = cfg.hub_id if cfg.source == "slimpajama" else f"files {cfg.files}"
+        raise DataError(f"text_field={text!r} is not a column of {where}; columns: {columns}")
     if cfg.subsets:
         if columns is not None and "meta" not in columns:
             raise DataError(f"subsets: the data has no 'meta' column to filter on; columns: {columns}")
@@ -172,7 +177,8 @@ class PackedStream:
     def _start(self, chunk_start: dict[str, Any], offset: int) -> None:
         from datasets.distributed import split_dataset_by_node
 
-        ds = open_documents(self.cfg)
+        with self._located():
+            ds = open_documents(self.cfg)
         if self.count > 1:
             ds = split_dataset_by_node(ds, rank=self.index, world_size=self.count)
         self.epoch = chunk_start["epoch"]
@@ -205,7 +211,10 @@ class PackedStream:
     # -- reading ------------------------------------------------------------------------------
     def _read_chunk(self) -> None:
         start = self._next_start
-        docs = [ex["text"] for ex in islice(self._it, self.tokenize_batch)]
+        with self._located():
+            docs = [ex["text"] for ex in islice(self._it, self.tokenize_batch)]
+            if not all(isinstance(d, str) for d in docs):
+                raise TypeError("a document text is not a string")
         if not docs:
             if start["ds"] is None:
                 raise DataError(f"stream {self.index}/{self.count} of {self._describe()} has no documents")
@@ -232,6 +241,25 @@ class PackedStream:
         self._chunks.append((start, tokens))
         self._available += len(tokens)
         self._next_start = {"epoch": self.epoch, "ds": self._ds.state_dict()}
+
+    @contextmanager
+    def _located(self) -> Iterator[None]:
+        """Turn a failure of the document reader into a DataError naming the bad file and line."""
+        try:
+            yield
+        except DataError:
+            raise
+        except Exception as e:  # ArrowInvalid, UnicodeDecodeError, TypeError, StopIteration (empty), ...
+            where = None
+            if self.cfg.source == "files":
+                from flexigpt.shared.train.corpus_check import find_bad_document
+
+                where = find_bad_document(self.cfg, *resolve_files(self.cfg))
+            raise DataError(
+                f"data.files: {where}"
+                if where
+                else f"{self._describe()}: cannot be read ({e.__class__.__name__}: {e})"
+            ) from None
 
     def _describe(self) -> str:
         return self.cfg.hub_id if self.cfg.source == "slimpajama" else f"files {self.cfg.files}"
@@ -277,6 +305,8 @@ def _worker_main(args: tuple, out: mp.Queue, stop: Any) -> None:
                 except queue.Full:
                     if os.getppid() != parent:  # the training process is gone (killed): stop too
                         return
+    except DataError as e:  # a bad corpus: its message (file and line) is the whole story
+        out.put(("data_error", str(e), None))
     except Exception:
         out.put(("error", traceback.format_exc(), None))
 
@@ -304,6 +334,8 @@ class _WorkerPool:
                 if not self.procs[k].is_alive():
                     raise RuntimeError(f"data worker {k} died (exit code {self.procs[k].exitcode})") from None
                 continue
+            if kind == "data_error":
+                raise DataError(payload)
             if kind == "error":
                 raise RuntimeError(f"data worker {k} failed:\n{payload}")
             return payload, state

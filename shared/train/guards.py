@@ -57,6 +57,8 @@ SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 class TrainingError(RuntimeError):
     """A started run could not go on (diverged, a checkpoint could not be written); nothing broken is kept."""
 
+    exit_status = 1  # a failed run: the commands print what to change and exit with this status
+
 
 class TrainingDiverged(TrainingError):
     """The loss, the gradient norm or a parameter is no longer finite."""

@@ -55,6 +55,8 @@ TRAINER_STATE = "trainer_state.json"
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed into this run (world size, plan, ...); the message says how to proceed."""
 
+    exit_status = 2  # a refused run: the commands print the message and exit with this status
+
 
 class UnsafeCheckpointError(ResumeError):
     """A checkpoint file holds pickled objects outside the allow-list: it is refused, never loaded."""

@@ -147,3 +147,15 @@ def test_llama_pro_baseline_grows_identity_copies_and_trains_only_them(grow_work
         start = initial.model.layers[i].state_dict()
         same = all(torch.equal(v, final[f"model.layers.{i}.{k}"]) for k, v in start.items())
         assert same == (i not in plan.inserted), f"layer {i}"
+
+
+@pytest.mark.deepspeed
+def test_a_bad_corpus_found_while_training_is_one_line_not_a_traceback(grow_workspace, tmp_path, capsys):
+    """The trainer's refusals reach the grow command's user as its own: message, exit status 2."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "c.jsonl").write_text('{"text": "the cat"}\n{"text": null}\n')
+    out = tmp_path / "run"
+    assert _grow(grow_workspace, out, f"data.files=[{tmp_path / 'corpus'}/*.jsonl]") == 2
+    err = capsys.readouterr().err
+    assert "flexigpt-grow: data.files: " in err and "c.jsonl line 2: 'text' is null" in err
+    assert "Traceback" not in err and not (out / "checkpoints").exists()
