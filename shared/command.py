@@ -294,5 +294,7 @@ def handoff_train_recipe(
         str(initial) if (initial / "tokenizer_config.json").is_file() else recipe.model.source
     )
     raw["model"]["plan"] = None
+    if recipe.train.lr_is_default:
+        raw["train"]["lr"] = None  # the default follows the trainable set, which `train` may change
     raw["train"].update(train or {})
     return TrainRecipe.model_validate(raw)

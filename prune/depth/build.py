@@ -91,6 +91,10 @@ def plain_model(model: PreTrainedModel) -> PreTrainedModel:
         layers=model.get_submodule(layout.layers_path),
     )
     plain.generation_config = copy.deepcopy(model.generation_config)
+    # layer i of the plain model is source block blocks[i]: without this map the export reads as an
+    # unpruned model of fewer layers (the report would show 0 1 2 ... for blocks 0-3 and 8-11)
+    plain.config.flexigpt_source_blocks = blocks
+    plain.config.flexigpt_source_layers = plan.num_source_layers
     return plain.train(model.training)
 
 

@@ -15,10 +15,14 @@ from matplotlib.figure import Figure
 
 from flexigpt.prune.depth.importance import ImportanceResult
 from flexigpt.prune.depth.selection import SelectionResult
+from flexigpt.shared.evaluate.plots import plot_importance as report_plot_importance
 
 
 def plot_importance(result: ImportanceResult, path: str | Path, *, removed: Sequence[int] = ()) -> Path:
-    """Bar chart of one score per block; removed blocks are drawn in a second colour.
+    """Bar chart of one score per block, labelled with its value, on a log axis for positive scores.
+
+    The report draws the same picture (``shared.evaluate.plots.plot_importance``); this is it for an
+    ``ImportanceResult``.
 
     Args:
         result: scores from ``compute_importance``.
@@ -28,24 +32,7 @@ def plot_importance(result: ImportanceResult, path: str | Path, *, removed: Sequ
     Returns:
         The path written.
     """
-    n = result.num_layers
-    fig = Figure(figsize=(max(6.0, 0.25 * n + 2), 3.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    marked = set(removed)
-    colours = ["tab:red" if i in marked else "tab:blue" for i in range(n)]
-    ax.bar(range(n), result.scores, color=colours)
-    ax.set_xlabel("block")
-    ax.set_ylabel(result.metric)
-    title = f"{result.metric} ({result.model_type}, {result.num_samples} samples, {result.num_tokens} tokens)"
-    if marked:
-        title += f"; red: removed {sorted(marked)}"
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks(range(0, n, max(1, n // 16)))
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, format="png")
-    return out
+    return report_plot_importance(result.to_dict(), path, removed=removed)
 
 
 def plot_distances(selection: SelectionResult, path: str | Path) -> Path:

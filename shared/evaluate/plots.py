@@ -131,7 +131,11 @@ def plot_slot_maps(variants: Sequence[VariantLike], path: str | Path) -> Path:
 
 
 def plot_importance(importance: Mapping[str, Any], path: str | Path, *, removed: Sequence[int] = ()) -> Path:
-    """Bar chart of the importance score of every block; `removed` blocks in red.
+    """Bar chart of the importance score of every block, each bar labelled with its value; `removed` in red.
+
+    Scores of one model often span two decades (block 0 near 0.8, the removed blocks near 0.01), so
+    positive scores are drawn on a log axis, where the removed blocks are as visible as the rest;
+    scores that can be negative (``ppl_drop``) stay on a linear axis.
 
     Args:
         importance: the prune command's scores JSON (``scores``, ``metric``, ``num_samples``, ...).
@@ -144,12 +148,21 @@ def plot_importance(importance: Mapping[str, Any], path: str | Path, *, removed:
     scores = [math.nan if s is None else float(s) for s in importance["scores"]]
     n = len(scores)
     marked = set(removed)
-    fig = _figure(max(6.0, 0.25 * n + 2), 3.5)
+    fig = _figure(max(6.0, 0.3 * n + 2), 3.8)
     ax = fig.add_subplot()
-    ax.bar(range(n), scores, color=["tab:red" if i in marked else "tab:blue" for i in range(n)])
+    bars = ax.bar(range(n), scores, color=["tab:red" if i in marked else "tab:blue" for i in range(n)])
+    finite = [x for x in scores if math.isfinite(x)]
+    log = bool(finite) and min(finite) > 0
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(min(finite) / 2, max(finite) * 4)  # room above the bars for their labels
+    else:
+        ax.margins(y=0.2)
+    labels = [f"{x:.2g}" if math.isfinite(x) else "" for x in scores]
+    ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
     metric = importance.get("metric", "importance")
     ax.set_xlabel("block")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric + (" (log scale)" if log else ""))
     title = (
         f"{metric} per block ({importance.get('num_samples', '?')} samples, "
         f"{importance.get('num_tokens', '?')} tokens)"
@@ -191,10 +204,34 @@ def plot_selection(selection: Mapping[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average with TensorBoard's start-up correction (no pull towards 0)."""
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc = weight * acc + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(acc / norm)
+    return out
+
+
+def _tokens_of(scalars: Mapping[str, list[tuple[int, float]]]) -> Any:
+    """step -> tokens trained since the run's start, from the trainer's ``train/tokens_seen`` (None: not logged)."""
+    pts = scalars.get("train/tokens_seen")
+    if not pts or pts[-1][0] <= 0:
+        return None
+    per_step = pts[-1][1] / pts[-1][0]  # fixed global batch x seq_len: tokens are linear in the step
+    return lambda step: step * per_step
+
+
 def plot_loss_curves(
     logdirs: Mapping[str, str | Path], path: str | Path, tags: Sequence[str] = DEFAULT_LOSS_TAGS
 ) -> tuple[Path, list[str]]:
-    """One line per (variant, tag) from TensorBoard logs; log-scale y when the values span a decade.
+    """One panel per tag, one line per variant, against tokens trained since each run's own start.
+
+    A grown or pruned run starts from a trained model, so its step 25 is not the base's step 25:
+    each run is drawn against the tokens it trained itself (from its ``train/tokens_seen``; runs
+    that did not log it fall back to their step, and the axis says so). Training loss is noisy:
+    its exponential moving average is drawn over the raw curve, which stays faint behind it.
 
     Args:
         logdirs: variant name -> TensorBoard log directory (a run's ``tb/`` or the run directory).
@@ -213,34 +250,48 @@ def plot_loss_curves(
     if not logdirs:
         raise ReportError("tensorboard: give at least one variant name -> log directory")
     logs = {name: read_scalars(d) for name, d in logdirs.items()}
-    fig = _figure(7.0, 4.0)
-    ax = fig.add_subplot()
-    values: list[float] = []
-    missing = []
-    for tag in tags:
-        found = False
-        for name, scalars in logs.items():
-            pts = scalars.get(tag)
-            if not pts:
-                continue
-            found = True
-            steps, ys = zip(*pts, strict=True)
-            values += ys
-            ax.plot(steps, ys, label=f"{name}: {tag}", linewidth=1.2, marker="." if len(pts) < 30 else None)
-        if not found:
-            missing.append(tag)
-    if len(missing) == len(tags):
+    found = [t for t in tags if any(s.get(t) for s in logs.values())]
+    missing = [t for t in tags if t not in found]
+    if not found:
         present = sorted({t for s in logs.values() for t in s})
         raise ReportError(
             f"loss_tags: none of {list(tags)} is in the TensorBoard logs; scalar tags present: {present}"
         )
-    finite = [y for y in values if math.isfinite(y) and y > 0]
-    if finite and max(finite) / min(finite) > 10:
-        ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("loss curves (TensorBoard)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    axis = {name: _tokens_of(s) for name, s in logs.items()}
+    by_tokens = all(f is not None for f in axis.values())
+    fig = _figure(7.5, 3.4 * len(found) + 0.5)
+    colours = colormaps["tab10"]
+    for k, tag in enumerate(found):
+        ax = fig.add_subplot(len(found), 1, k + 1)
+        values: list[float] = []
+        for j, (name, scalars) in enumerate(logs.items()):
+            pts = scalars.get(tag)
+            if not pts:
+                continue
+            steps, ys = zip(*pts, strict=True)
+            tokens = axis[name]
+            xs = [tokens(s) for s in steps] if by_tokens and tokens is not None else list(steps)
+            values += ys
+            c = colours(j % 10)
+            if tag.startswith("train/") and len(ys) >= 10:
+                weight = min(0.9, 1 - 10 / len(ys))
+                ax.plot(xs, ys, color=c, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, smooth(ys, weight), color=c, linewidth=1.5, label=f"{name} (EMA {weight:.2f})")
+            else:
+                ax.plot(xs, ys, color=c, linewidth=1.2, marker="." if len(ys) < 30 else None, label=name)
+        finite = [y for y in values if math.isfinite(y) and y > 0]
+        if finite and max(finite) / min(finite) > 10:
+            ax.set_yscale("log")
+        if by_tokens:
+            ax.set_xlabel("tokens trained since the run's own start")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("step of each run (train/tokens_seen not logged by every run)")
+        ax.set_ylabel(tag)
+        what = "tokens trained since each run's own start" if by_tokens else "each run's own step"
+        ax.set_title(
+            f"{tag} vs {what} (a run that starts from a trained model starts at its loss)", fontsize=8
+        )
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     return _save(fig, path), missing

@@ -127,8 +127,9 @@ def slots_from_plan(plan: Plan) -> list[SlotInfo]:
 def describe_model(model: Any) -> tuple[int, list[SlotInfo], int, dict[str, Any] | None]:
     """Stored parameters, slot map, source layer count and plan dict of a loaded model.
 
-    A shared model (with ``.plan``) reports its plan; any other model is taken as plain (slot i
-    runs block i).
+    A shared model (with ``.plan``) reports its plan. A plain export of a pruned model (ShortGPT)
+    says in its config which source block each layer is (``flexigpt_source_blocks``); any other
+    model is taken as plain (slot i runs block i).
     """
     # model.parameters() yields a shared Parameter once, so this is the stored count.
     stored = sum(p.numel() for p in model.parameters())
@@ -136,6 +137,9 @@ def describe_model(model: Any) -> tuple[int, list[SlotInfo], int, dict[str, Any]
     if plan is not None:
         return stored, slots_from_plan(plan), plan.num_source_layers, plan.to_dict()
     n = int(model.config.num_hidden_layers)
+    blocks = getattr(model.config, "flexigpt_source_blocks", None)
+    if blocks is not None and len(blocks) == n:
+        return stored, [SlotInfo(int(b)) for b in blocks], int(model.config.flexigpt_source_layers), None
     return stored, [SlotInfo(i) for i in range(n)], n, None
 
 

@@ -119,6 +119,12 @@ def test_plain_shortgpt_export_equals_the_materialised_one(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     assert plain.config.layer_types == [config.layer_types[i] for i in (0, 2, 4)]  # per-layer fields follow
+    # the export says which source block each of its layers is, and the report shows those numbers
+    assert (plain.config.flexigpt_source_blocks, plain.config.flexigpt_source_layers) == ([0, 2, 4], 5)
+    from flexigpt.shared.evaluate.report import describe_model, slot_map_text
+
+    _, slots, n_src, plan = describe_model(plain)
+    assert (slot_map_text(slots), n_src, plan) == ("0 2 4", 5, None)
 
 
 def test_gamma_calibration_is_recorded_in_the_plan_and_reused(prune_workspace, tmp_path, capsys):
@@ -271,3 +277,18 @@ def test_a_second_run_on_a_locked_output_dir_is_refused(prune_workspace, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_recovery_learning_rate_follows_each_variants_trainable_set(prune_workspace, tmp_path):
+    """ShortGPT's recovery trains every parameter: a default learning rate becomes that set's default."""
+    from flexigpt.shared.command import handoff_train_recipe
+    from flexigpt.shared.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, [*prune_overrides(prune_workspace, tmp_path), "train.lr=null"])
+    assert (recipe.train.lr, recipe.train.lr_is_default) == (4e-3, True)
+    shortgpt = handoff_train_recipe(recipe, tmp_path / "initial", train={"trainable": "all"})
+    assert (shortgpt.train.lr, shortgpt.train.lr_is_default) == (2e-4, True)
+    flexigpt = handoff_train_recipe(recipe, tmp_path / "initial")
+    assert (flexigpt.train.lr, flexigpt.train.trainable) == (4e-3, "adapters+norms")
+    fixed = load_recipe(RECIPE, [*prune_overrides(prune_workspace, tmp_path), "train.lr=1e-3"])
+    assert handoff_train_recipe(fixed, tmp_path / "initial", train={"trainable": "all"}).train.lr == 1e-3

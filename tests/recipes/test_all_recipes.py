@@ -61,3 +61,20 @@ def test_calibrated_gamma_is_chosen_apart_from_the_perplexity_text(path: Path) -
         judged.split,
         judged.files,
     )
+
+
+@pytest.mark.parametrize("grown", ["tinyllama-22to36-block.yaml", "tinyllama-22to36-sequential.yaml"])
+def test_growth_control_trains_the_same_base_on_the_same_tokens(grown: str) -> None:
+    """The control differs from a grown run only in what trains (and that set's learning rate)."""
+    _register_kinds()
+    control = load_recipe(REPO_ROOT / "recipes" / "train" / "tinyllama-3t-control.yaml")
+    grow = load_recipe(REPO_ROOT / "recipes" / "grow" / grown)
+    assert control.kind == "train" and grow.kind == "grow"
+    assert control.model.source == grow.model.source
+    assert control.data == grow.data and control.text == grow.text
+    same = ("micro_batch", "global_batch", "grad_accum", "warmup_steps", "min_lr_ratio", "token_budget")
+    same += ("max_steps", "weight_decay", "betas", "eps", "grad_clip", "seed", "precision", "ds_config")
+    for key in same:
+        assert getattr(control.train, key) == getattr(grow.train, key), key
+    assert (control.train.trainable, grow.train.trainable) == ("all", "adapters+norms")
+    assert (control.train.lr, control.train.lr_is_default, grow.train.lr) == (2e-4, True, 4e-3)

@@ -149,3 +149,14 @@ def test_every_field_is_documented() -> None:
     assert len(lines) > 50
     undocumented = [ln for ln in lines if ln.rstrip().endswith(":")]
     assert not undocumented, undocumented
+
+
+def test_learning_rate_default_follows_the_trainable_set(recipe_file: Path) -> None:
+    for rule, want in (("adapters", 4e-3), ("adapters+norms", 4e-3), ("all", 2e-4)):
+        r = load_recipe(recipe_file, [f"train.trainable={rule}"])
+        assert (r.train.lr, r.train.lr_is_default) == (want, True)
+        # the resolved recipe shows the value and says it is the default, and reads back the same
+        assert f"lr: {want}  # default for train.trainable={rule}" in r.to_yaml()
+        assert yaml.safe_load(r.to_yaml())["train"]["lr"] == want
+    r = load_recipe(recipe_file, ["train.trainable=all", "train.lr=4e-3"])
+    assert (r.train.lr, r.train.lr_is_default) == (4e-3, False) and "# default" not in r.to_yaml()
