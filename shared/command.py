@@ -164,14 +164,6 @@ def load_command_tokenizer(
         ) from e
 
 
-def barrier() -> None:
-    """Wait for every rank when a process group runs (rank 0 builds, the others wait for its files)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def handoff_train_recipe(
     recipe: CommandRecipe,
     initial: Path,

@@ -35,6 +35,8 @@ class PruneSummary:
     """The unpruned model: path, layers, start perplexity."""
     peak_rss_mib: float = 0.0
     """Peak resident memory of the process up to the end of the pruning step (ru_maxrss)."""
+    wall_s: float = 0.0
+    """Wall time of the pruning step, in seconds."""
 
 
 def variant_entry(
@@ -68,6 +70,7 @@ def write_summary(path: Path, imp: ImportanceResult, s: PruneSummary) -> None:
         "variants": s.variants,
         "peak_rss_mib": round(s.peak_rss_mib, 1),
         "peak_rss_note": "ru_maxrss of the process that ran this pruning step, up to its end (before training)",
+        "wall_s": round(s.wall_s, 2),
     }
     path.write_text(json.dumps(d, indent=1) + "\n")
 
@@ -88,5 +91,7 @@ def summary_table(s: PruneSummary) -> str:
     n = s.source["layers"]
     src = f"{source_params:>15,}" if source_params else f"{'':>15}"
     lines.insert(1, f"{'unpruned':<14} {n:>5} {n:>6} {src} {'100.00%':>9} {s.source['start_ppl']:>10.4g}")
-    lines.append(f"peak resident memory of the pruning step: {s.peak_rss_mib:,.0f} MiB")
+    lines.append(
+        f"peak resident memory of the pruning step: {s.peak_rss_mib:,.0f} MiB; wall time {s.wall_s:,.1f} s"
+    )
     return "\n".join(lines)

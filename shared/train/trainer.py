@@ -53,7 +53,8 @@ from flexigpt.shared.train.ds_config import (
     resolve_precision,
     zero_stage,
 )
-from flexigpt.shared.train.export import consolidated_state_dict, export_checkpoint, load_weights
+from flexigpt.shared.train.export import ExportError, consolidated_state_dict, export_checkpoint, load_weights
+from flexigpt.shared.train.launch import rank0_step
 from flexigpt.shared.train.state import (
     CheckpointInfo,
     ResumeError,
@@ -163,7 +164,7 @@ def train(
         RecipeError: batch arithmetic, precision or trainable set do not fit this machine / model.
         ResumeError: the checkpoint cannot be resumed into this run without an explicit allowance.
     """
-    rank, world, _, device = init_distributed(recipe.train.cpu_shm_comm)
+    rank, world, _, device = init_distributed(recipe.train.cpu_shm_comm, recipe.train.dist_timeout_s)
     with launcher_env():  # DeepSpeed reads LOCAL_RANK when it builds the engine
         return _train(recipe, model, resume, allow_plan_change, allow_world_size_change, rank, world, device)
 
@@ -308,14 +309,19 @@ def _train(
         loader.close()
         loop.close()
     if result.interrupted_by is None and t.export != "none" and result.checkpoint is not None:
-        if rank == 0:
-            result.exported = export_checkpoint(
+        # rank 0 alone exports (minutes for a large model): the others wait outside any collective
+        exported = rank0_step(
+            "the final export",
+            lambda: export_checkpoint(
                 result.checkpoint,
                 out / "final",
                 materialize=t.export == "compact+materialized",
                 dtype=str(dtype).split(".")[-1],
-            )
-        dist.barrier()
+            ),
+            ExportError,
+            t.rank0_wait_s,
+        )
+        result.exported = exported or []
     return result
 
 
