@@ -158,7 +158,7 @@ def split_documents(ds: Any, index: int, count: int) -> Any:
         _warned.add((ds.num_shards, count))
         warnings.warn(
             f"data: {ds.num_shards} file(s) do not split into {count} streams (ranks x data.num_workers): "
-            f"every stream reads all the data and keeps every {count}-th document, {count}x the reading "
+            f"every stream reads all the data and keeps one document in {count}, {count}x the reading "
             f"of a split by files. Use a number of files that is a multiple of {count}",
             stacklevel=2,
         )
