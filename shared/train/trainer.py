@@ -15,6 +15,7 @@ checkpoint and ends with the same weights as an uninterrupted run. TensorBoard s
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import signal
@@ -308,6 +309,11 @@ def _train(
     finally:
         loader.close()
         loop.close()
+        # the next train call in this process (the prune command's next variant) must not find this
+        # engine's master weights, gradients and optimizer state still resident
+        _release(engine)
+        del engine, loop, optimizer, scheduler
+        gc.collect()
     if result.interrupted_by is None and t.export != "none" and result.checkpoint is not None:
         # rank 0 alone exports (minutes for a large model): the others wait outside any collective
         exported = rank0_step(
@@ -323,6 +329,15 @@ def _train(
         )
         result.exported = exported or []
     return result
+
+
+def _release(engine: Any) -> None:
+    """Drop what a finished engine holds: its hooks (``destroy``), optimizer state and module."""
+    engine.destroy()
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "state"):
+        optimizer.state.clear()
+    engine.optimizer = engine.lr_scheduler = None
 
 
 class _Loop:
