@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
+from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.checkpoint import load_model, save_compact
 from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.files import write_text_atomic
@@ -183,10 +183,11 @@ def run(recipe: GrowRecipe, *, plan_only: bool = False, log: Any = print) -> Any
         log(setup.counts.describe())
         return setup
     from flexigpt.shared.train.components import init_distributed
+    from flexigpt.shared.train.launch import rank0_step
 
-    rank, _, _, _ = init_distributed(recipe.train.cpu_shm_comm)
     state = existing_state(setup)  # on every rank, before anything is written: all refuse alike
-    if rank == 0:
+
+    def grow_step() -> None:
         log(setup.plan.summary())
         log(setup.counts.describe())
         if state == "ready":
@@ -197,7 +198,11 @@ def run(recipe: GrowRecipe, *, plan_only: bool = False, log: Any = print) -> Any
                 recipe.model, GrowError, "the trainer needs one: set model.tokenizer"
             )
             build_initial(recipe, setup, tokenizer=tokenizer)
-    barrier()
+
+    # before any process group: the others wait outside every collective, so its timeout cannot cut
+    # the build short
+    rank0_step("the grow step", grow_step, GrowError, recipe.train.rank0_wait_s)
+    init_distributed(recipe.train.cpu_shm_comm, recipe.train.dist_timeout_s)
     # every rank starts from the saved initial model, so all ranks (and every restart) agree exactly
     from flexigpt.shared.train.trainer import train
 

@@ -256,14 +256,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def barrier() -> None:
-    """Wait for every rank when a process group runs (rank 0 builds, the others wait for its files)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def handoff_train_recipe(
     recipe: CommandRecipe,
     initial: Path,

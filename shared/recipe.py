@@ -284,6 +284,18 @@ class TrainSection(Section):
         description="On CPU, use DeepSpeed's shared-memory allreduce (JIT-compiled, ~40 s on first use); "
         "false: plain gloo.",
     )
+    dist_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Timeout of every collective of the process group, in seconds; null: DeepSpeed's "
+        "default (10 minutes). Rank 0's pruning, growing and final export are not collectives.",
+    )
+    rank0_wait_s: float = Field(
+        86400.0,
+        gt=0,
+        description="How long the other ranks wait for rank 0 to prune, grow or export the model, in "
+        "seconds (they wait outside the process group, so dist_timeout_s does not limit it).",
+    )
 
     _lr_default: bool = PrivateAttr(False)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace as dc_replace
@@ -50,7 +51,7 @@ from flexigpt.prune.depth.steps import (
     selection_step,
 )
 from flexigpt.prune.depth.summary import PruneSummary, summary_table, variant_entry, write_summary
-from flexigpt.shared.command import barrier, handoff_train_recipe, load_command_tokenizer, read_source_config
+from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.apply import expected_trainable
 from flexigpt.shared.engine.checkpoint import load_compact, save_compact
 from flexigpt.shared.engine.plan import Plan, PlanError
@@ -234,6 +235,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
     Raises:
         PruneError: a refused rerun, or a recipe value that does not fit the model or the data.
     """
+    started = time.perf_counter()
     rd, p = RunDir(Path(recipe.output_dir)), recipe.prune
     n = blocks_to_remove(recipe, config)
     settings = run_settings(recipe, n)
@@ -299,6 +301,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
         summary.texts["gamma chosen on"] = text
     source.free()
     summary.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    summary.wall_s = time.perf_counter() - started
     write_summary(rd.summary, imp, summary)
     log(summary_table(summary))
     return summary
@@ -410,31 +413,36 @@ def train_recipe(recipe: PruneRecipe, name: str) -> TrainRecipe:
 def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print) -> Any:
     """The prune command: prune on rank 0 (once), then train every variant's recovery on every rank.
 
+    The pruning step runs before any process group exists: under a launcher the other ranks wait
+    for it outside every collective (up to ``train.rank0_wait_s``), so the process group's timeout
+    (``train.dist_timeout_s``) never limits it, and a failure on rank 0 stops them with its message.
+
     Args:
         recipe: a validated prune recipe.
         prune_only: stop after the pruning step (no process group, no training).
         log: where the report lines go (rank 0 only).
 
     Returns:
-        The ``PruneSummary`` when `prune_only`, else ``{variant: TrainResult}`` of the recovery runs.
+        The ``PruneSummary`` when `prune_only` (None on ranks other than 0), else
+        ``{variant: TrainResult}`` of the recovery runs.
 
     Raises:
-        PruneError: a refused rerun, or a recipe value that does not fit the model or the data.
+        PruneError: a refused rerun, a recipe value that does not fit the model or the data, or (on
+            the other ranks) a pruning step that failed on rank 0.
     """
+    from flexigpt.shared.train.launch import rank0_step
+
     config = source_config(recipe)
     rd = RunDir(Path(recipe.output_dir))
     precheck(recipe, config, rd, blocks_to_remove(recipe, config))  # every rank refuses alike
-    rank = 0
-    if not prune_only:
-        from flexigpt.shared.train.components import init_distributed
-
-        rank = init_distributed(recipe.train.cpu_shm_comm)[0]
-    summary = prune(recipe, config, log) if rank == 0 else None
-    barrier()
+    t = recipe.train
+    summary = rank0_step("the pruning step", lambda: prune(recipe, config, log), PruneError, t.rank0_wait_s)
     if prune_only:
         return summary
+    from flexigpt.shared.train.components import init_distributed
     from flexigpt.shared.train.trainer import train
 
+    init_distributed(t.cpu_shm_comm, t.dist_timeout_s)
     results: dict[str, Any] = {}
     for name in trained_variants(recipe):
         log(f"[{name}] recovery training -> {rd.variant(name)}")

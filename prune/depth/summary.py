@@ -38,6 +38,8 @@ class PruneSummary:
     """Peak resident memory of the process up to the end of the pruning step (ru_maxrss)."""
     texts: dict[str, Any] = field(default_factory=dict)
     """The text rule and which text each figure came from (importance, gamma, start perplexity)."""
+    wall_s: float = 0.0
+    """Wall time of the pruning step, in seconds."""
 
 
 def variant_entry(
@@ -72,6 +74,7 @@ def write_summary(path: Path, imp: ImportanceResult, s: PruneSummary) -> None:
         "variants": s.variants,
         "peak_rss_mib": round(s.peak_rss_mib, 1),
         "peak_rss_note": "ru_maxrss of the process that ran this pruning step, up to its end (before training)",
+        "wall_s": round(s.wall_s, 2),
     }
     write_text_atomic(path, json.dumps(d, indent=1) + "\n")
 
@@ -93,5 +96,7 @@ def summary_table(s: PruneSummary) -> str:
     src = f"{source_params:>15,}" if source_params else f"{'':>15}"
     lines.insert(1, f"{'unpruned':<14} {n:>5} {n:>6} {src} {'100.00%':>9} {s.source['start_ppl']:>10.2f}")
     lines += [f"{k}: {v}" for k, v in s.texts.items() if isinstance(v, str)]
-    lines.append(f"peak resident memory of the pruning step: {s.peak_rss_mib:,.0f} MiB")
+    lines.append(
+        f"peak resident memory of the pruning step: {s.peak_rss_mib:,.0f} MiB; wall time {s.wall_s:,.1f} s"
+    )
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -61,12 +62,20 @@ def launcher_env() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def init_distributed(cpu_shm_comm: bool) -> tuple[int, int, int, torch.device]:
+def init_distributed(
+    cpu_shm_comm: bool, timeout_s: float | None = None
+) -> tuple[int, int, int, torch.device]:
     """Start (or join) the process group: NCCL on GPUs, gloo on CPU. Returns rank, world, local rank, device.
 
-    Under a launcher (torchrun, deepspeed) its environment is used. A single process started
-    without one becomes a one-rank group on a free local port; build DeepSpeed engines inside
-    ``launcher_env()`` then (``train`` does).
+    Under a launcher (torchrun, deepspeed) its environment is used, and the group is built on the
+    rendezvous store that rank-0 steps (``launch.rank0_step``) waited on, if they ran first. A single
+    process started without one becomes a one-rank group on a free local port; build DeepSpeed
+    engines inside ``launcher_env()`` then (``train`` does).
+
+    Args:
+        cpu_shm_comm: ``train.cpu_shm_comm``.
+        timeout_s: the process group's timeout for every collective (``train.dist_timeout_s``);
+            None: DeepSpeed's default (10 minutes, or ``DEEPSPEED_TIMEOUT`` minutes).
     """
     global _SELF_GROUP_ENV
     use_cuda = torch.cuda.is_available()
@@ -82,7 +91,13 @@ def init_distributed(cpu_shm_comm: bool) -> tuple[int, int, int, torch.device]:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from deepspeed.constants import default_pg_timeout
+
+    from flexigpt.shared.train.launch import init_process_group_on_store
+
+    timeout = default_pg_timeout if timeout_s is None else timedelta(seconds=timeout_s)
     if not dist.is_initialized():
+        init_process_group_on_store("nccl" if use_cuda else "gloo", timeout)
         if "RANK" not in os.environ:
             port = os.environ.get("MASTER_PORT") or str(_free_port())
             _SELF_GROUP_ENV = {
@@ -93,7 +108,7 @@ def init_distributed(cpu_shm_comm: bool) -> tuple[int, int, int, torch.device]:
                 "MASTER_PORT": port,
             }
         with launcher_env():
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)

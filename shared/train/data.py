@@ -6,8 +6,9 @@ resumed run continues from it, without replaying the stream:
 - **documents** come from a ``datasets`` streaming ``IterableDataset`` (SlimPajama from the hub, or
   local jsonl / jsonl.zst / parquet / txt files), optionally filtered by
   ``meta.redpajama_set_name``, and split into ``world_size x num_workers`` disjoint *logical
-  streams* (``split_dataset_by_node``: whole files when their count allows, else every n-th
-  document). ``IterableDataset.state_dict()`` is exact for such pipelines (no datasets shuffle).
+  streams* (``split_documents``: whole files when their count allows, else every n-th
+  document, with a warning of the cost). ``IterableDataset.state_dict()`` is exact for such
+  pipelines (no datasets shuffle).
 - **tokens**: documents are read ``tokenize_batch`` at a time (a *chunk*), tokenised in one call,
   and joined by the run's text rule (``shared.text``: BOS before, EOS after every document, as
   the rule says). A logical stream's position is the datasets state at
@@ -34,6 +35,7 @@ import os
 import queue
 import signal
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,6 +130,48 @@ def open_documents(cfg: StreamSection) -> Any:
     return ds
 
 
+# A split by files may give some streams one file more than others: accepted while that is at most
+# this share of a stream's files (SlimPajama's 59,166 files on 16 streams: 3,698 vs 3,697), since a
+# stream with fewer files repeats them sooner.
+MAX_FILE_IMBALANCE = 0.01
+_warned: set[tuple[int, int]] = set()  # (files, streams) already warned about in this process
+
+
+def split_strategy(num_files: int, count: int) -> str:
+    """How `count` logical streams share `num_files` files (shards).
+
+    ``shards``: each stream reads only its own files, when they divide evenly (or nearly: see
+    ``MAX_FILE_IMBALANCE``). ``examples``: every stream reads every file and keeps every
+    `count`-th document, `count` times the reading of the whole data.
+    """
+    if count <= 1 or num_files % count == 0:
+        return "shards"
+    per = num_files // count
+    return "shards" if per > 0 and 1 / per <= MAX_FILE_IMBALANCE else "examples"
+
+
+def split_documents(ds: Any, index: int, count: int) -> Any:
+    """Logical stream `index` of `count` of a document stream (``datasets.split_dataset_by_node``).
+
+    Where the files do not split into `count` (``split_strategy``), stream 0 warns once per process
+    with the cost: every stream then reads the whole data.
+    """
+    if count <= 1:
+        return ds
+    from datasets.distributed import split_dataset_by_node
+
+    strategy = split_strategy(ds.num_shards, count)
+    if strategy == "examples" and index == 0 and (ds.num_shards, count) not in _warned:
+        _warned.add((ds.num_shards, count))
+        warnings.warn(
+            f"data: {ds.num_shards} file(s) do not split into {count} streams (ranks x data.num_workers): "
+            f"every stream reads all the data and keeps one document in {count}, {count}x the reading "
+            f"of a split by files. Use a number of files that is a multiple of {count}",
+            stacklevel=2,
+        )
+    return split_dataset_by_node(ds, rank=index, world_size=count, strategy=strategy)
+
+
 # ------------------------------------------------------------------------------------ token stream
 def _encoder(tokenizer: Any):
     """Fast path: the Rust tokenizer's batch encode without offsets; else the Python tokenizer."""
@@ -175,12 +219,8 @@ class PackedStream:
 
     # -- position ----------------------------------------------------------------------------
     def _start(self, chunk_start: dict[str, Any], offset: int) -> None:
-        from datasets.distributed import split_dataset_by_node
-
         with self._located():
-            ds = open_documents(self.cfg)
-        if self.count > 1:
-            ds = split_dataset_by_node(ds, rank=self.index, world_size=self.count)
+            ds = split_documents(open_documents(self.cfg), self.index, self.count)
         self.epoch = chunk_start["epoch"]
         ds.set_epoch(self.epoch)  # epoch > 0 reshuffles the shard order, deterministically
         if chunk_start["ds"] is not None:

@@ -20,6 +20,7 @@ state, and names the path and OS error when a checkpoint cannot be written (``gu
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -63,7 +64,7 @@ from flexigpt.shared.train.ds_config import (
     resolve_precision,
     zero_stage,
 )
-from flexigpt.shared.train.export import consolidated_state_dict, export_checkpoint, load_weights
+from flexigpt.shared.train.export import ExportError, consolidated_state_dict, export_checkpoint, load_weights
 from flexigpt.shared.train.guards import (
     TrainingDiverged,
     check_model_fits,
@@ -73,6 +74,7 @@ from flexigpt.shared.train.guards import (
     divergence_advice,
     params_finite,
 )
+from flexigpt.shared.train.launch import rank0_step
 from flexigpt.shared.train.resume import (
     check_schedule,
     load_or_refuse,
@@ -169,7 +171,7 @@ def train(
             or checkpoints exist and none is usable.
         TrainingError: the run diverged, or a checkpoint could not be written.
     """
-    rank, world, _, device = init_distributed(recipe.train.cpu_shm_comm)
+    rank, world, _, device = init_distributed(recipe.train.cpu_shm_comm, recipe.train.dist_timeout_s)
     stop_with_launcher()
     allow = (allow_plan_change, allow_world_size_change, allow_schedule_change)
     # DeepSpeed reads LOCAL_RANK when it builds the engine; `lock` holds the run lock once taken
@@ -364,16 +366,35 @@ def _train(
     finally:
         loader.close()
         loop.close()
+        # the next train call in this process (the prune command's next variant) must not find this
+        # engine's master weights, gradients and optimizer state still resident
+        _release(engine)
+        del engine, loop, optimizer, scheduler
+        gc.collect()
     if result.interrupted_by is None and t.export != "none" and result.checkpoint is not None:
-        if rank == 0:
-            result.exported = export_checkpoint(
+        # rank 0 alone exports (minutes for a large model): the others wait outside any collective
+        exported = rank0_step(
+            "the final export",
+            lambda: export_checkpoint(
                 result.checkpoint,
                 out / "final",
                 materialize=t.export == "compact+materialized",
                 dtype=str(dtype).split(".")[-1],
-            )
-        dist.barrier()
+            ),
+            ExportError,
+            t.rank0_wait_s,
+        )
+        result.exported = exported or []
     return result
+
+
+def _release(engine: Any) -> None:
+    """Drop what a finished engine holds: its hooks (``destroy``), optimizer state and module."""
+    engine.destroy()
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "state"):
+        optimizer.state.clear()
+    engine.optimizer = engine.lr_scheduler = None
 
 
 class _Loop:
