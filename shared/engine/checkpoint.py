@@ -70,7 +70,9 @@ class CheckpointError(RuntimeError):
 # into several files with an index, as transformers splits plain models.
 DEFAULT_MAX_SHARD_SIZE = "50GB"
 # save_pretrained options that change nothing in the compact format (hub uploads aside, refused).
-_NEUTRAL_SAVE_OPTIONS = ("save_peft_format", "save_original_format", "token")
+# A save_function (accelerate passes its own) only ever wrote pickled weights; safetensors files are
+# written directly, as transformers does.
+_NEUTRAL_SAVE_OPTIONS = ("save_peft_format", "save_original_format", "token", "save_function")
 
 
 def compact_sources(model: PreTrainedModel) -> dict[str, tuple[tuple[str, ...], torch.Tensor]]:
@@ -216,8 +218,8 @@ def save_pretrained_compact(
 
     ``is_main_process=False`` writes nothing (the other ranks of a distributed save); ``state_dict``
     and ``max_shard_size`` are honoured as transformers does. Options the compact format cannot
-    follow (``push_to_hub``, ``variant``, ``safe_serialization=False``, a ``save_function``, a
-    distributed checkpoint, unknown keywords) are refused rather than silently dropped.
+    follow (``push_to_hub``, ``variant``, ``safe_serialization=False``, a distributed checkpoint,
+    unknown keywords) are refused rather than silently dropped.
 
     Raises:
         CheckpointError: a refused option (the message names it).

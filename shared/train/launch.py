@@ -66,7 +66,9 @@ def init_process_group_on_store(backend: str, timeout: timedelta) -> bool:
     if _STORE is None or dist.is_initialized():
         return False
     rank, world = launched_rank_world()
-    # the prefix torch's own env:// initialisation uses, so the group's keys never meet the steps'
+    # as torch's own env:// initialisation: the group's store operations time out with the group,
+    # and its keys get a prefix of their own (the steps' waits pass their own limit)
+    _STORE.set_timeout(timeout)
     store = dist.PrefixStore("default_pg", _STORE)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return True

@@ -129,6 +129,9 @@ def test_save_pretrained_honours_state_dict_and_main_process(tmp_path):
     _, model = _all_private_norms()
     model.save_pretrained(tmp_path / "other", is_main_process=False)
     assert not (tmp_path / "other").exists()
+    # accelerate passes its save function; the weights are safetensors files all the same
+    model.save_pretrained(tmp_path / "accel", save_function=torch.save)
+    assert weight_files(tmp_path / "accel") == [tmp_path / "accel" / WEIGHTS_NAME]
     # a state dict (as gathered from ZeRO-3 partitions) replaces the values; any alias of a shared
     # tensor is accepted
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -155,7 +158,7 @@ def test_save_pretrained_honours_state_dict_and_main_process(tmp_path):
         ({"push_to_hub": True}, "push_to_hub"),
         ({"safe_serialization": False}, "safe_serialization=False"),
         ({"variant": "fp16"}, "variant"),
-        ({"save_function": torch.save}, "save_function"),
+        ({"distributed_checkpoint": True}, "distributed_checkpoint"),
         ({"shard_everything": 1}, "shard_everything"),
     ],
 )
