@@ -5,7 +5,7 @@ recognize this architecture ... upgrade transformers / install from source", whi
 the wrong way. The card says what the directory is (a shared-block model of this package, with its
 source architecture), how many parameters it stores against its dense (materialised) size, which
 block every slot runs and what each slot adds, the lines that load it, and how to get a plain
-model. ``config.json`` carries a one-line version of the load hint (``LOAD_HINT``) for a reader who
+model. ``config.json`` carries a one-line version of the load hint (``autoclass.LOAD_HINT``) for a reader who
 opens that file first.
 """
 

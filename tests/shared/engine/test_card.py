@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import flexigpt.shared  # noqa: F401  (registers the format with the Auto classes)
 from flexigpt.shared.engine.apply import apply_plan, materialize, stored_param_count
-from flexigpt.shared.engine.card import LOAD_HINT, dense_param_count
+from flexigpt.shared.engine.autoclass import LOAD_HINT
+from flexigpt.shared.engine.card import dense_param_count
 from flexigpt.shared.engine.checkpoint import load_compact, save_compact
 from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
 from flexigpt.shared.engine.tiny import tiny_model
