@@ -117,16 +117,18 @@ def run_command(
     if main_rank:
         print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
     from flexigpt.shared.runguard import RunLockError, run_lock, stop_with_launcher
+    from flexigpt.shared.train.guards import check_weight_files
 
     stop_with_launcher()
     try:
+        check_weight_files(recipe.model.source, recipe.model.allow_pickle_weights)
         # rank 0 holds output_dir for the whole command (the trainer it hands over to takes the
         # same lock again); a refused rank 0 exits 2 and the launcher stops the others
         # (--plan-only writes nothing, so it leaves output_dir alone)
         locked = main_rank and not getattr(args, "plan_only", False)
         with run_lock(recipe.output_dir) if locked else contextlib.nullcontext():
             return run_fn(recipe, args, print if main_rank else _quiet)
-    except (*known_errors, RunLockError) as e:
+    except (*known_errors, RunLockError, RecipeError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except Exception as e:
