@@ -170,16 +170,18 @@ def run_command(
         print(f"# resolved recipe ({args.recipe})\n{recipe.to_yaml()}", flush=True)
     configure_cpu_threads(log)
     from flexigpt.shared.runguard import RunLockError, run_lock, stop_with_launcher
+    from flexigpt.shared.train.guards import check_weight_files
 
     stop_with_launcher()
     try:
+        check_weight_files(recipe.model.source, recipe.model.allow_pickle_weights)
         # rank 0 holds output_dir for the whole command (the trainer it hands over to takes the
         # same lock again); a refused rank 0 exits 2 and the launcher stops the others. A plan-only
         # run writes nothing, so it neither creates output_dir nor waits for another run's lock.
         writes = main_rank and not getattr(args, "plan_only", False)
         with run_lock(recipe.output_dir) if writes else contextlib.nullcontext():
             return run_fn(recipe, args, log)
-    except RunLockError as e:
+    except (RunLockError, RecipeError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except Exception as e:

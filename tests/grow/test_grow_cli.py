@@ -159,3 +159,16 @@ def test_a_bad_corpus_found_while_training_is_one_line_not_a_traceback(grow_work
     err = capsys.readouterr().err
     assert "flexigpt-grow: data.files: " in err and "c.jsonl line 2: 'text' is null" in err
     assert "Traceback" not in err and not (out / "checkpoints").exists()
+
+
+def test_a_source_with_pickle_weights_is_refused_unless_allowed(grow_workspace, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(grow_workspace["model"])
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the old pickle format
+    assert _grow(grow_workspace, tmp_path / "r", f"model.source={tmp_path / 'bin'}", "--plan-only") == 2
+    err = capsys.readouterr().err
+    assert "pickle weights (pytorch_model.bin)" in err and "model.allow_pickle_weights=true" in err
+    extra = (f"model.source={tmp_path / 'bin'}", "model.allow_pickle_weights=true", "--plan-only")
+    assert _grow(grow_workspace, tmp_path / "r", *extra) == 0
