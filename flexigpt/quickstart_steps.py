@@ -300,7 +300,9 @@ def report_notes(ctx: Context) -> list[str]:
         f"its true word order among 3 scrambles of the same words (chance 25%), {s.task_docs} questions. It checks "
         "the zero-shot path offline; it is not a benchmark",
         f"perplexity: held-out split, first {s.ppl_tokens:,} tokens, windows of {s.seq_len} with stride "
-        f"{s.seq_len // 2}",
+        f"{s.seq_len // 2}; the training runs' evaluations and the prune step's start perplexities score "
+        "fewer held-out tokens in disjoint windows, so their figures for the same model differ from these "
+        "(each printed perplexity names its text, tokens, context, stride and text rule)",
     ]
 
 

@@ -168,6 +168,7 @@ def test_tiny_quickstart_end_to_end_then_resumes(tmp_path):
         assert (out / "report" / png).stat().st_size > 1000
     md = (out / "report" / "report.md").read_text()
     assert "toy task" in md and "| base |" in md
+    assert md.count(", text rule doc + EOS") == 5  # every variant's perplexity states the text rule
     timings = json.loads((out / "timings.json").read_text())
     assert all(
         timings["steps"][s] is not None for s in ("corpus", "tokenizer", "base", "grow", "prune", "eval")

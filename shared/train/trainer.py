@@ -410,6 +410,7 @@ class _Loop:
             loader,
             evals,
         )
+        self.eval_text = "the held-out stream"  # what evaluations are measured on, in words
         for k, v in kw.items():
             setattr(self, k, v)
         self.out = Path(recipe.output_dir)
