@@ -38,7 +38,6 @@ class SurgeonCalibration(Section):
     pack: bool = Field(
         True, description="true: documents joined into full seq_len windows; false: one document per window."
     )
-    add_bos: bool = Field(True, description="Put the tokenizer's BOS token before every window.")
 
 
 class SurgeonSection(Section):

@@ -42,7 +42,8 @@ from flexigpt.shared.engine.apply import apply_plan, stored_param_count
 from flexigpt.shared.engine.checkpoint import export_materialized, load_model, save_compact
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.evaluate.perplexity import encode_documents, file_documents, perplexity, stream_documents
-from flexigpt.shared.recipe import StreamSection
+from flexigpt.shared.recipe import RecipeError, StreamSection
+from flexigpt.shared.text import TextRule, resolve_text_rule
 from flexigpt.shared.train.components import DTYPES
 from flexigpt.shared.train.data import DataError
 
@@ -72,16 +73,14 @@ def _device(recipe: SurgeonRecipe) -> torch.device:
     return torch.device(want)
 
 
-def _calibration(recipe: SurgeonRecipe, tokenizer: Any, max_positions: int | None) -> list[torch.Tensor]:
+def _calibration(
+    recipe: SurgeonRecipe, tokenizer: Any, rule: TextRule, max_positions: int | None
+) -> list[torch.Tensor]:
     c = recipe.surgeon.calibration
     if max_positions is not None and c.seq_len > max_positions:
         raise SurgeonError(
             f"surgeon.calibration.seq_len={c.seq_len} exceeds the model's max_position_embeddings "
             f"({max_positions}); allowed 2..{max_positions}"
-        )
-    if c.add_bos and tokenizer.bos_token_id is None:
-        raise SurgeonError(
-            "surgeon.calibration.add_bos=true but the tokenizer has no BOS token; set it to false"
         )
     stream = c.stream or StreamSection(**{k: getattr(recipe.data, k) for k in StreamSection.model_fields})
     try:
@@ -92,7 +91,7 @@ def _calibration(recipe: SurgeonRecipe, tokenizer: Any, max_positions: int | Non
                 num_samples=c.num_samples,
                 seq_len=c.seq_len,
                 pack=c.pack,
-                bos_id=tokenizer.bos_token_id if c.add_bos else None,
+                text=rule,
             )
         )
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -105,19 +104,27 @@ def _calibration(recipe: SurgeonRecipe, tokenizer: Any, max_positions: int | Non
 class _Perplexity:
     """The held-out tokens (read once) and how windows are cut from them."""
 
-    def __init__(self, recipe: SurgeonRecipe, tokenizer: Any) -> None:
+    def __init__(self, recipe: SurgeonRecipe, tokenizer: Any, rule: TextRule) -> None:
         pc, data = recipe.surgeon.perplexity, recipe.data
         try:
             if pc is not None:
                 docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
-                self.tokens = encode_documents(docs, tokenizer, max_tokens=pc.max_tokens, add_bos=pc.add_bos)
+                self.tokens = encode_documents(
+                    docs,
+                    tokenizer,
+                    max_tokens=pc.max_tokens,
+                    add_bos=rule.bos,
+                    eos_between_docs=rule.eos_between_docs,
+                )
                 self.context, self.stride, self.batch = pc.context_len, pc.stride, pc.batch_size
             else:
                 assert data.eval is not None  # the recipe asks for one of the two
                 n = data.eval.batches * data.seq_len
                 stream = StreamSection(**{k: getattr(data.eval, k) for k in StreamSection.model_fields})
                 docs = stream_documents(stream)
-                self.tokens = encode_documents(docs, tokenizer, max_tokens=n, add_bos=data.add_bos)
+                self.tokens = encode_documents(
+                    docs, tokenizer, max_tokens=n, add_bos=rule.bos, eos_between_docs=rule.eos_between_docs
+                )
                 self.context, self.stride, self.batch = data.seq_len, None, 1
         except (DataError, FileNotFoundError, ValueError) as e:
             key = "surgeon.perplexity" if pc is not None else "data.eval"
@@ -289,13 +296,17 @@ def run(recipe: SurgeonRecipe, log: Callable[..., None] = print) -> dict[str, An
     recipe.save(out / "recipe.yaml")
     device = _device(recipe)
     tokenizer = load_command_tokenizer(recipe.model, SurgeonError)
-    samples = _calibration(recipe, tokenizer, getattr(config, "max_position_embeddings", None))
+    try:
+        rule = resolve_text_rule(recipe.text, tokenizer)
+    except RecipeError as e:
+        raise SurgeonError(str(e)) from e
+    samples = _calibration(recipe, tokenizer, rule, getattr(config, "max_position_embeddings", None))
     ctx: dict[str, Any] = {
         "out": out,
         "device": device,
         "tokenizer": tokenizer,
         "samples": samples,
-        "ppl": _Perplexity(recipe, tokenizer),
+        "ppl": _Perplexity(recipe, tokenizer, rule),
     }
     dense_path = out / "dense" / "perplexity.json"
     dense = _load(recipe, device)
@@ -311,6 +322,7 @@ def run(recipe: SurgeonRecipe, log: Callable[..., None] = print) -> dict[str, An
     summary: dict[str, Any] = {
         "dense": {"stored_params": ctx["dense_params"], "perplexity": dense_ppl},
         "calibration": {"windows": len(samples), "tokens": sum(x.numel() for x in samples)},
+        "text": {"rule": rule.to_dict(), "summary": rule.summary()},
         "variants": {},
     }
     for method in recipe.surgeon.methods:
