@@ -19,12 +19,19 @@ a recipe field (``--help-recipe`` lists them).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
+from flexigpt.prune.tailor.recipe import TailorRecipe
+from flexigpt.prune.tailor.stitch import StitchError
 from flexigpt.shared.command import command_parser, run_command, signal_exit_status
 from flexigpt.shared.engine.plan import PlanError
+from flexigpt.shared.evaluate.zeroshot import ZeroShotError
 from flexigpt.shared.recipe import RecipeError
 
 
@@ -56,8 +63,42 @@ def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
     return signal_exit_status(stopped)
 
 
+def _run_tailor(recipe: TailorRecipe, args: argparse.Namespace, log: Any) -> int:
+    from flexigpt.prune.tailor.run import run
+
+    run(recipe, log=log)
+    return 0
+
+
+# recipe kind -> (its schema, what runs it); a recipe of another kind is refused by run_command
+KINDS: dict[str, tuple[type, Any]] = {"prune": (PruneRecipe, _run), "tailor": (TailorRecipe, _run_tailor)}
+
+
+def _recipe_kind(argv: list[str]) -> str:
+    """The ``kind`` the command line asks for (a ``kind=`` override, else the recipe file's); ``prune`` when unreadable."""
+    kind = None
+    positional = [a for a in argv if not a.startswith("-")]
+    for a in positional[1:]:
+        if a.startswith("kind="):
+            kind = a.split("=", 1)[1].strip()
+    if kind is None and positional:
+        try:
+            raw = yaml.safe_load(Path(positional[0]).read_text())
+            kind = raw.get("kind") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError):
+            kind = None
+    return kind if kind in KINDS else "prune"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2: bad recipe or refused run; 128 + signal when stopped by one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_cls, run_fn = KINDS[_recipe_kind(argv)]
     return run_command(
-        "flexigpt-prune", PruneRecipe, _parser(), argv, _run, (PruneError, PlanError, RecipeError)
+        "flexigpt-prune",
+        recipe_cls,
+        _parser(),
+        argv,
+        run_fn,
+        (PruneError, PlanError, RecipeError, StitchError, ZeroShotError),
     )
