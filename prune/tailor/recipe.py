@@ -152,6 +152,12 @@ class TailorSection(Section):
     sampler: Literal["tpe", "random"] = Field(
         "tpe", description="tpe: Optuna's multivariate TPE (Bayesian optimisation); random: the baseline."
     )
+    startup_trials: int = Field(
+        10,
+        ge=1,
+        description="Finished trials (warm starts count) before TPE models the results; until then it samples "
+        "at random.",
+    )
     seed: int = Field(0, description="Seed of the sampler and of the ParEGO weights.")
     cache_blocks: int = Field(
         64, ge=1, description="Decoder blocks (read or merged) kept in memory, least recently used dropped."

@@ -159,6 +159,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
         fingerprint(recipe),
         sampler=t.sampler,
         seed=t.seed,
+        startup_trials=t.startup_trials,
         pruner=t.budgets.pruner,
         budgets=budgets,
         eta=t.budgets.eta,

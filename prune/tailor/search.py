@@ -42,6 +42,7 @@ def open_study(
     *,
     sampler: str,
     seed: int,
+    startup_trials: int = 10,
     pruner: str,
     budgets: Sequence[int],
     eta: int,
@@ -60,7 +61,9 @@ def open_study(
     if sampler == "random":
         smp = optuna.samplers.RandomSampler(seed=seed)
     else:
-        smp = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+        smp = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, n_startup_trials=startup_trials
+        )
     if pruner == "hyperband" and len(budgets) > 1:
         prn = optuna.pruners.HyperbandPruner(
             min_resource=budgets[0], max_resource=budgets[-1], reduction_factor=eta
