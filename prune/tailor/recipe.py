@@ -152,6 +152,12 @@ class TailorSection(Section):
     sampler: Literal["tpe", "random"] = Field(
         "tpe", description="tpe: Optuna's multivariate TPE (Bayesian optimisation); random: the baseline."
     )
+    conditional_space: bool = Field(
+        False,
+        description="true: GPTailor's conditional space (candidates only for kept layers, a merge scale only "
+        "where several variants are chosen), made for SMAC; false: every parameter in every trial, ignored "
+        "where it does not apply, which TPE models jointly (same configurations).",
+    )
     startup_trials: int = Field(
         10,
         ge=1,

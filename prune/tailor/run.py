@@ -149,7 +149,13 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
     except ValueError as e:
         raise StitchError(f"tailor.ratio: {e}") from e
     space = SearchSpace(
-        L, n_remove, tuple(t.variants), tuple(t.merge_methods), tuple(t.scale_range), t.output_scale
+        L,
+        n_remove,
+        tuple(t.variants),
+        tuple(t.merge_methods),
+        tuple(t.scale_range),
+        t.output_scale,
+        t.conditional_space,
     )
     tok = load_command_tokenizer(recipe.model, StitchError)
     combine = t.objective.combine

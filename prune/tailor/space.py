@@ -9,6 +9,12 @@ A configuration is, per Optuna trial:
 - ``layer_i_merge_scale`` in the scale range (and ``layer_i_merge_method`` when several methods
   are allowed), only where several variants are selected;
 - ``layer_i_output_scale`` in [0, 2], only when the option is on.
+
+That conditional space (``conditional=True``) is GPTailor's, made for SMAC's random forest. TPE
+models the parameters that every trial shares jointly and splits the rest into groups seen in
+fewer trials, so the default is a flat space: every parameter is drawn in every trial and ignored
+where it does not apply (the candidates of a removed layer, the scale of a layer that merges
+nothing). Both encode the same configurations.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class SearchSpace:
     methods: tuple[str, ...] = ("task_arithmetic",)
     scale_range: tuple[float, float] = (0.0, 1.0)
     output_scale: bool = False
+    conditional: bool = False
+    """GPTailor's conditional parameters (True) or the flat space (False, see the module docstring)."""
 
     def suggest(self, trial: Any) -> StitchPlan:
         """The plan of an Optuna trial (define-by-run: conditional parameters only where they apply)."""
@@ -41,8 +49,9 @@ class SearchSpace:
                 r = (r + 1) % self.num_layers
             removed.append(r)
         positions = []
+        flat = not self.conditional
         for i in range(self.num_layers):
-            if i in removed:
+            if i in removed and not flat:
                 continue
             chosen = tuple(
                 v
@@ -50,23 +59,35 @@ class SearchSpace:
                 if trial.suggest_categorical(f"layer_{i}_candidate_{j}", [0, 1])
             )
             out = trial.suggest_float(f"layer_{i}_output_scale", 0.0, 2.0) if self.output_scale else None
+            method, scale = self.methods[0], None
+            if len(chosen) > 1 or flat:
+                if len(self.methods) > 1:
+                    method = trial.suggest_categorical(f"layer_{i}_merge_method", list(self.methods))
+                scale = trial.suggest_float(f"layer_{i}_merge_scale", *self.scale_range)
+            if i in removed:
+                continue
             if not chosen:
                 positions.append(Position(i, "base", None, out))
             elif len(chosen) == 1:
                 positions.append(Position(i, chosen[0], None, out))
             else:
-                method = (
-                    trial.suggest_categorical(f"layer_{i}_merge_method", list(self.methods))
-                    if len(self.methods) > 1
-                    else self.methods[0]
-                )
-                scale = trial.suggest_float(f"layer_{i}_merge_scale", *self.scale_range)
+                assert scale is not None
                 positions.append(Position(i, "merge", MergeSpec(method, chosen, scale), out))
         return StitchPlan(self.num_layers, tuple(positions))
 
     def params(self, plan: StitchPlan) -> dict[str, Any]:
         """The trial parameters that `suggest` turns into `plan` (for enqueueing a configuration)."""
         p: dict[str, Any] = {f"remove_idx_{k}": r for k, r in enumerate(plan.removed)}
+        if not self.conditional:  # the flat space draws every parameter: neutral values where unused
+            lo, hi = self.scale_range
+            for i in range(self.num_layers):
+                for j in range(len(self.variants)):
+                    p[f"layer_{i}_candidate_{j}"] = 0
+                if len(self.methods) > 1:
+                    p[f"layer_{i}_merge_method"] = self.methods[0]
+                p[f"layer_{i}_merge_scale"] = (lo + hi) / 2
+                if self.output_scale:
+                    p[f"layer_{i}_output_scale"] = 1.0
         for pos in plan.positions:
             i = pos.layer
             chosen = pos.merge.variants if pos.merge else (() if pos.source == "base" else (pos.source,))
