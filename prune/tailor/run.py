@@ -129,11 +129,11 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
     from flexigpt.prune.tailor.sources import MergeOptions, SourceSet
     from flexigpt.prune.tailor.space import SearchSpace, removal_plan, warm_starts
     from flexigpt.shared.command import load_command_tokenizer
+    from flexigpt.shared.evaluate.zeroshot import check_tasks, get_task_manager, parse_tasks
 
     t0 = time.perf_counter()
     t = recipe.tailor
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = _device(t.device)
     dtype = _dtype(recipe.model.dtype, device)
     sources = SourceSet(
@@ -158,6 +158,14 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
         t.conditional_space,
     )
     tok = load_command_tokenizer(recipe.model, StitchError)
+    # every check that can refuse the run comes before the first file is written
+    check_tasks(
+        get_task_manager(t.objective.include_path or None, t.objective.include_defaults),
+        parse_tasks(t.objective.tasks),
+    )
+    if t.warm_start.calibration_files and "block_influence" in t.warm_start.heuristics:
+        next(iter(_texts(t.warm_start.calibration_files)), None)
+    out.mkdir(parents=True, exist_ok=True)
     combine = t.objective.combine
     budgets = t.budgets.rungs() if t.budgets.pruner != "none" else [t.budgets.max]
     study = open_study(

@@ -111,3 +111,22 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tailor_settin
     assert summary["trials_run_now"] == 10 - len(before)
     assert len(after) == 10
     assert all(after[n] == p for n, p in before.items())  # the finished trials are kept, not rerun
+
+
+def test_user_mistakes_exit_2_naming_the_key_and_write_nothing(tailor_setting, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    cases = [
+        (["tailor.variants={colour: /nonexistent/colour}"], "/nonexistent/colour"),
+        (["tailor.objective.tasks=[colour_fact]"], "colour_fact"),
+        (["tailor.merge_methods=[slerp]"], "tailor.merge_methods"),
+        (["tailor.variants={base: /x}"], "variants: name 'base' is not allowed"),
+        (["tailor.budgets.min=100"], "min=100 > max=36"),
+        (["tailor.objective.combine=pareto"], "tailor.budgets.pruner"),
+    ]
+    for override, expected in cases:
+        capsys.readouterr()
+        args = [RECIPE, *tailor_overrides(tailor_setting, out), *override]
+        assert main(args) == 2, override
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (override, err)
+        assert not out.exists(), override
