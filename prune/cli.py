@@ -14,6 +14,11 @@ the trainer resumes; a recipe whose plan differs from the saved one is refused. 
 ``torchrun --nproc_per_node N -m flexigpt.prune RECIPE.yaml`` (rank 0 prunes, every rank trains);
 for a 7B model run ``--prune-only`` once first, so no rank waits on the pruning step. Every knob is
 a recipe field (``--help-recipe`` lists them).
+
+A recipe of kind ``tailor`` runs GPTailor instead (docs/tailor.md): a resumable search over layers
+cut from the base and stitched in from its fine-tuned variants, the chosen model exported as a plain
+model, and, when the recipe has a ``train:`` section (and without ``--prune-only``), its plain
+recovery training.
 """
 
 from __future__ import annotations
@@ -64,10 +69,16 @@ def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
 
 
 def _run_tailor(recipe: TailorRecipe, args: argparse.Namespace, log: Any) -> int:
-    from flexigpt.prune.tailor.run import run
+    from flexigpt.prune.tailor.run import recovery_recipe, run
 
     run(recipe, log=log)
-    return 0
+    if recipe.train is None or args.prune_only:
+        return 0
+    from flexigpt.shared.train.trainer import train
+
+    r = train(recovery_recipe(recipe))
+    log(f"[recovery] done: step {r.step}, {r.tokens_seen:,} tokens, last loss {r.last_loss}", flush=True)
+    return signal_exit_status(r.interrupted_by)
 
 
 # recipe kind -> (its schema, what runs it); a recipe of another kind is refused by run_command

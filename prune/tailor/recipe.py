@@ -190,7 +190,12 @@ class TailorRecipe(BaseRecipe):
     """GPTailor: find, by a multi-fidelity search, which layers to cut and which variant layers to stitch in."""
 
     kind: Literal["tailor"] = Field("tailor", description="Recipe kind.")
-    train: TrainSection | None = Field(None, description="Unused by the search (no training); may be null.")
+    train: TrainSection | None = Field(
+        None,
+        description="null: search only (GPTailor trains nothing). Set: after the search, plain recovery training "
+        "of the chosen model (output_dir/model) on `data`, by the same trainer, in output_dir/recovery "
+        "(use train.trainable: all; a plain model has no adapters).",
+    )
     tailor: TailorSection = Field(..., description="The search.")
 
     @model_validator(mode="after")
@@ -198,6 +203,10 @@ class TailorRecipe(BaseRecipe):
         if self.model.plan is not None:
             raise ValueError(
                 "model.plan: the tailor command makes its stitch plan itself; set model.plan to null"
+            )
+        if self.train is not None and not self.tailor.export:
+            raise ValueError(
+                "train: recovery training starts from the exported model; set tailor.export=true"
             )
         if self.tailor.objective.combine == "pareto" and self.tailor.budgets.pruner != "none":
             raise ValueError(

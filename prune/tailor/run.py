@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,6 +134,11 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
 
     t0 = time.perf_counter()
     t = recipe.tailor
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StitchError(
+            "the tailor search runs in one process; run it without a launcher, then train output_dir/model "
+            "with flexigpt-train on several ranks"
+        )
     out = Path(recipe.output_dir)
     device = _device(t.device)
     dtype = _dtype(recipe.model.dtype, device)
@@ -301,6 +307,22 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
             + f"; mean {100 * sum(s.values()) / len(s):.2f}"
         )
     return summary
+
+
+def recovery_recipe(recipe: TailorRecipe) -> Any:
+    """The ``train`` recipe of plain recovery training: the chosen model (``output_dir/model``) as the
+    source, the recipe's ``data`` and ``train`` sections, run directory ``output_dir/recovery``."""
+    from flexigpt.shared.recipe import TrainRecipe
+
+    out = Path(recipe.output_dir)
+    raw = recipe.model_dump(mode="json")
+    raw.pop("tailor")
+    raw["kind"] = "train"
+    raw["output_dir"] = str(out / "recovery")
+    raw["model"]["source"] = str(out / "model")
+    raw["model"]["tokenizer"] = recipe.model.tokenizer or str(out / "model")
+    raw["model"]["plan"] = None
+    return TrainRecipe.model_validate(raw)
 
 
 def check_export(path: Path, tok: Any, recipe: TailorRecipe, dtype: Any, device: str, expected: dict) -> dict:

@@ -1,7 +1,8 @@
 """The tailor command end to end on the tiny setting: the search finds a stitched model better than
 the base and than Block-Influence removal at the same ratio, the export loads in plain transformers
-and reproduces the in-memory scores exactly, a finished study is not rerun, a changed recipe is
-refused, and a killed search resumes without repeating finished trials."""
+and reproduces the in-memory scores exactly, a finished study is not rerun (and hands its model to
+recovery training), a changed recipe is refused, and a killed search resumes without repeating
+finished trials."""
 
 from __future__ import annotations
 
@@ -54,10 +55,22 @@ def test_search_beats_base_and_block_influence_and_exports_a_plain_model(
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == NUM_LAYERS - 2
     assert torch.isfinite(model(torch.tensor([[4, 7, 20]])).logits).all()
 
-    # a rerun of a finished study runs no trial; a changed search is refused, naming the key
+    # a rerun of a finished study runs no trial; with a train: section it hands the chosen model to
+    # plain recovery training by the same trainer
     capsys.readouterr()
-    assert main(args) == 0
+    recovery = [
+        "train={max_steps: 2, micro_batch: 2, grad_accum: 1, trainable: all, warmup_steps: 1, lr: 1.0e-3}",
+        "data.source=files",
+        f"data.files=[{tailor_setting['calib']}]",
+        "data.seq_len=16",
+        "data.shuffle_buffer=4",
+        "data.tokenize_batch=4",
+    ]
+    assert main([*args, *recovery]) == 0
     assert json.loads((out / "summary.json").read_text())["trials_run_now"] == 0
+    assert "[recovery] done: step 2" in capsys.readouterr().out
+    assert (out / "recovery" / "final").is_dir()
+    # a changed search is refused, naming the key
     assert main([*args, "tailor.ratio=0.5"]) == 2
     assert "tailor.ratio" in capsys.readouterr().err
 
