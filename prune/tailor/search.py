@@ -102,6 +102,8 @@ def recover(study: Any) -> int:
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # Optuna fails stale trials only through heartbeats, which journal files do not keep; its
+        # storage API is the one way to close a trial that no process runs any more
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"label": t.user_attrs.get("label", "sampler")})
         n += 1
