@@ -2,10 +2,13 @@
 
 - ``depth/``: FlexiGPT and the ShortGPT baselines (recipe kind ``prune``).
 - ``surgeon/``: the LLM Surgeon and its baselines (recipe kind ``surgeon``).
+- ``tailor/``: GPTailor, layers cut and stitched across fine-tuned variants (recipe kind ``tailor``).
 - ``cli``: the command, which picks the method from the recipe's ``kind``.
 
-Importing this package registers the ``prune`` recipe kind (``depth/recipe.py``).
+Importing this package registers the ``prune``, ``surgeon`` and ``tailor`` recipe kinds (their
+``recipe.py``; none of them imports torch).
 """
 
 from flexigpt.prune.depth import recipe as _recipe  # noqa: F401  (registers kind "prune" with the recipe loader)
 from flexigpt.prune.surgeon import recipe as _surgeon_recipe  # noqa: F401  (registers kind "surgeon")
+from flexigpt.prune.tailor import recipe as _tailor_recipe  # noqa: F401  (registers kind "tailor")

@@ -12,8 +12,12 @@ the start perplexity of each variant and of the unpruned model (``summary.json``
 variant to the trainer with the same recovery budget. Run again, it skips every finished step and
 the trainer resumes; a recipe whose plan differs from the saved one is refused. Several ranks:
 ``torchrun --nproc_per_node N -m flexigpt.prune RECIPE.yaml`` (rank 0 prunes, every rank trains);
-for a 7B model run ``--prune-only`` once first, so no rank waits on the pruning step. Every knob is
-a recipe field (``--help-recipe`` lists them).
+rank 0 prunes outside the process group's timeout while the others wait. Every knob is a recipe
+field (``--help-recipe`` lists them).
+
+The recipe's ``kind`` picks the method: ``prune`` (depth pruning, above), ``surgeon`` (the LLM
+Surgeon, ``prune/surgeon/cli.py``, docs/surgeon.md) or ``tailor`` (GPTailor, ``prune/tailor/cli.py``,
+docs/tailor.md); ``flexigpt-prune --help-recipe KIND`` lists a kind's fields.
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
 
 
 # Recipe kind -> the module whose ``main`` runs it; kind ``prune`` (depth pruning) is run here.
-METHOD_COMMANDS: dict[str, str] = {"surgeon": "flexigpt.prune.surgeon.cli"}
+METHOD_COMMANDS: dict[str, str] = {
+    "surgeon": "flexigpt.prune.surgeon.cli",
+    "tailor": "flexigpt.prune.tailor.cli",
+}
 
 
 def _method_kind(argv: list[str]) -> str | None:
