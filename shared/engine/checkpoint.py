@@ -12,11 +12,14 @@ A compact checkpoint directory holds:
 
 ``AutoModelForCausalLM.from_pretrained(dir)`` restores the sharing (the same Parameter objects),
 bit-identical outputs and the plan, with no ``trust_remote_code``: the model class it resolves to
-is registered by this module and builds the model from the plan.
+is registered by this module and builds the model from the plan. Its options (``dtype``,
+``device_map``, ``revision``, ...) are honoured or refused by name (``load_options``); the weights
+may also be sharded (``model.safetensors.index.json``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -42,13 +45,14 @@ from flexigpt.shared.engine.apply import (
     _set_param,
     apply_plan,
     canonical_name,
+    check_plain_exportable,
     iter_slot_params,
     materialize,
 )
 from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.load_options import WEIGHTS_NAME, LoadOptionError, resolve_options, weight_files
 from flexigpt.shared.engine.plan import Plan, PlanError
 
-WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = "flexigpt-compact/1"
 
 
@@ -57,7 +61,14 @@ class CheckpointError(RuntimeError):
 
 
 class FlexiGPTConfig(PretrainedConfig):
-    """Config of a compact checkpoint: the source config plus the plan."""
+    """Config of a compact checkpoint: the source config plus the plan.
+
+    The usual top-level fields (``num_hidden_layers``, ``vocab_size``, ``hidden_size``, ...) mirror
+    the config of the stack the plan builds (one layer per slot), so that tools reading a config
+    see the model that runs; ``base_config`` and ``plan`` stay the only source of truth for loading.
+    The ``flexigpt`` field says, to a reader without this package, what the directory is and what
+    to install to load it.
+    """
 
     model_type = "flexigpt"
 
@@ -66,7 +77,40 @@ class FlexiGPTConfig(PretrainedConfig):
     ):
         self.base_config = base_config
         self.plan = plan
+        if base_config is not None and plan is not None:
+            kw.update(_mirrored_fields(base_config, plan))
+            kw["flexigpt"] = _install_note()
         super().__init__(**kw)
+
+
+# Fields of the source config that describe the file, not the model: never mirrored.
+_NOT_MIRRORED = ("model_type", "architectures", "transformers_version", "auto_map", "base_config", "plan")
+
+
+def _mirrored_fields(base_config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """The source config's fields as the slot stack has them (layer count, per-layer lists)."""
+    blocks = [s["block"] for s in plan["slots"]]
+    out = {k: v for k, v in base_config.items() if not k.startswith("_") and k not in _NOT_MIRRORED}
+    out["num_hidden_layers"] = len(blocks)
+    for name in get_layout(base_config.get("model_type")).per_layer_config:
+        if isinstance(out.get(name), list):
+            out[name] = [out[name][b] for b in blocks]
+    return out
+
+
+def _install_note() -> dict[str, str]:
+    try:
+        version = importlib.metadata.version("flexigpt")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        version = "0.1.0"
+    return {
+        "format": FORMAT_VERSION,
+        "requires": f"flexigpt>={version} (pip install flexigpt); it registers model_type 'flexigpt' "
+        "with transformers' Auto classes",
+        "load": "import flexigpt.shared; AutoModelForCausalLM.from_pretrained(this_directory)",
+        "without_flexigpt": "a plain model of the source architecture: 'flexigpt-train export "
+        "--materialize' or engine.checkpoint.export_materialized (plans without output norms)",
+    }
 
 
 class FlexiGPTForCausalLM(PreTrainedModel):
@@ -79,14 +123,20 @@ class FlexiGPTForCausalLM(PreTrainedModel):
     config_class = FlexiGPTConfig
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *_: Any, **kwargs: Any):  # type: ignore[override]
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """Load a compact checkpoint; every option is honoured or refused (see ``load_options``).
+
+        Raises:
+            LoadOptionError: an option the compact loader cannot honour (quantisation, a device map
+                over several devices, ...), named in the message.
+        """
+        opts = resolve_options(args, kwargs)
         return load_compact(
             pretrained_model_name_or_path,
-            dtype=None if dtype == "auto" else dtype,
-            # the Auto class moves `attn_implementation` into the config it passes on
-            attn_implementation=kwargs.get("attn_implementation")
-            or getattr(kwargs.get("config"), "_attn_implementation_internal", None),
+            dtype=opts.dtype,
+            attn_implementation=opts.attn_implementation,
+            device=opts.device,
+            **opts.hub,
         )
 
 
@@ -175,15 +225,19 @@ def _replace_dir(new: Path, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------------------------
-def _resolve_dir(path: str | os.PathLike) -> Path:
+def _resolve_dir(path: str | os.PathLike, subfolder: str = "", **hub: Any) -> Path:
     p = Path(path)
-    if p.is_dir():
-        return p
-    if p.exists() or str(path).startswith((".", "/")):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    from huggingface_hub import snapshot_download  # a hub id: what users run, never the tests
+    if not p.is_dir():
+        if p.exists() or str(path).startswith((".", "/")):
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        from huggingface_hub import snapshot_download  # a hub id (or its copy in the local hub cache)
 
-    return Path(snapshot_download(str(path)))
+        p = Path(snapshot_download(str(path), **hub))
+    if subfolder:
+        p = p / subfolder
+        if not p.is_dir():
+            raise CheckpointError(f"{path}: no subfolder {subfolder!r}")
+    return p
 
 
 def is_compact(path: str | os.PathLike) -> bool:
@@ -193,7 +247,12 @@ def is_compact(path: str | os.PathLike) -> bool:
 
 
 def load_compact(
-    path: str | os.PathLike, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    *,
+    device: torch.device | str | None = None,
+    **hub: Any,
 ) -> PreTrainedModel:
     """Load a compact checkpoint: the shared model with its sharing, plan and exact weights.
 
@@ -201,12 +260,15 @@ def load_compact(
         path: a local compact directory or a hub id.
         dtype: cast the loaded weights to this dtype (default: as stored).
         attn_implementation: ``eager`` | ``sdpa`` | ... (default ``sdpa``, as transformers).
+        device: read every tensor straight onto this device (default: CPU).
+        hub: for a hub id: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
+            ``force_download``; ``subfolder`` also applies to a local directory.
 
     Raises:
         CheckpointError: the directory is incomplete or its tensors do not match the plan.
         PlanError: the plan is invalid or names an unsupported architecture.
     """
-    d = _resolve_dir(path)
+    d = _resolve_dir(path, **hub)
     raw = json.loads((d / "config.json").read_text())
     if raw.get("model_type") != "flexigpt":
         raise CheckpointError(f"{d}: config.json has model_type={raw.get('model_type')!r}, not 'flexigpt'")
@@ -219,18 +281,24 @@ def load_compact(
         source = SOURCE_CLASSES[layout.model_type](base)
     src_layers = _layers(source, layout)
     slot_tensors: dict[tuple[int, str], torch.Tensor] = {}
-    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            t = f.get_tensor(key)
-            kind, _, rest = key.partition(".")
-            if kind == "blocks":
-                b, _, name = rest.partition(".")
-                _set_param(src_layers[int(b)], name, nn.Parameter(t))
-            elif kind == "slots":
-                i, _, name = rest.partition(".")
-                slot_tensors[(int(i), name)] = t
-            else:
-                _set_param(source, key, nn.Parameter(t))
+    try:
+        files = weight_files(d)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    target = torch.device("cpu") if device is None else torch.device(device)
+    for file in files:  # one file, or the shards of a sharded save
+        with safe_open(str(file), framework="pt", device=str(target)) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                t = f.get_tensor(key)
+                kind, _, rest = key.partition(".")
+                if kind == "blocks":
+                    b, _, name = rest.partition(".")
+                    _set_param(src_layers[int(b)], name, nn.Parameter(t))
+                elif kind == "slots":
+                    i, _, name = rest.partition(".")
+                    slot_tensors[(int(i), name)] = t
+                else:
+                    _set_param(source, key, nn.Parameter(t))
     if base.tie_word_embeddings:
         source.lm_head.weight = source.model.embed_tokens.weight
     for path_ in layout.buffer_modules:  # non-persistent buffers (rotary inv_freq) are rebuilt
@@ -249,6 +317,8 @@ def load_compact(
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(d)
+    # rebuilt buffers (rotary inv_freq) and new slot modules start on the CPU
+    model.to(target)
     if dtype is not None:
         model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model.eval()
@@ -276,6 +346,7 @@ def export_materialized(
     Raises:
         PlanError: the plan has output feature norms, which the plain architecture cannot hold.
     """
+    check_plain_exportable(model.plan)
     plain = materialize(model)
     out = Path(save_directory)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +365,7 @@ __all__ = [
     "CheckpointError",
     "FlexiGPTConfig",
     "FlexiGPTForCausalLM",
+    "LoadOptionError",
     "PlanError",
     "export_materialized",
     "is_compact",
