@@ -52,6 +52,7 @@ from flexigpt.shared.engine.apply import (
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.load_options import WEIGHTS_NAME, LoadOptionError, resolve_options, weight_files
 from flexigpt.shared.engine.plan import Plan, PlanError
+from flexigpt.shared.engine.tokenizer_files import save_tokenizer
 
 FORMAT_VERSION = "flexigpt-compact/1"
 
@@ -205,7 +206,7 @@ def save_compact(model: PreTrainedModel, save_directory: str | os.PathLike, toke
         plan.save(tmp / "plan.json")
         model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -354,7 +355,7 @@ def export_materialized(
     try:
         plain.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
