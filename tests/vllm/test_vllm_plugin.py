@@ -26,7 +26,6 @@ from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
 from flexigpt.shared.engine.tiny import tiny_model
 
 pytestmark = pytest.mark.vllm
-HELPER = Path(__file__).with_name("vllm_generate.py")
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21], [30, 3, 40, 50, 60]]
 MAX_TOKENS = 16
 
@@ -50,7 +49,7 @@ def _vllm_python() -> str:
 
 
 def serve(model_dir: Path, prompts: list[list[int]], max_tokens: int, work: Path) -> dict:
-    """Greedy tokens (and the parameter bytes and seconds) of vLLM serving `model_dir`."""
+    """Greedy tokens (and resident memory and seconds) of vLLM serving `model_dir`."""
     python = _vllm_python()
     request, result = work / f"{model_dir.name}-request.json", work / f"{model_dir.name}-result.json"
     request.write_text(json.dumps({"prompts": prompts, "max_tokens": max_tokens}))
@@ -59,7 +58,7 @@ def serve(model_dir: Path, prompts: list[list[int]], max_tokens: int, work: Path
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     proc = subprocess.run(
-        [python, str(HELPER), str(model_dir), str(request), str(result)],
+        [python, "-m", "flexigpt.vllm_plugin.generate", str(model_dir), str(request), str(result)],
         capture_output=True,
         text=True,
         env=env,

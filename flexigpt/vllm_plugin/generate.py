@@ -1,9 +1,13 @@
-"""Greedy generation with vLLM, run with the interpreter of vLLM's environment (see test_vllm_plugin.py).
+"""Greedy generation with vLLM's offline engine: the check behind the plugin's tests and benchmark.
 
-    python vllm_generate.py MODEL_DIR REQUEST.json RESULT.json
+    python -m flexigpt.vllm_plugin.generate MODEL_DIR REQUEST.json RESULT.json
 
-REQUEST: {"prompts": [[token ids], ...], "max_tokens": N}. RESULT: the generated token ids per
-prompt, the bytes of the model's parameters as vLLM holds them, and the generation wall time.
+Run with the interpreter of vLLM's environment. REQUEST: ``{"prompts": [[token ids], ...],
+"max_tokens": N}`` (optional: ``dtype``, default float32; ``max_model_len``, default 128;
+``memory_fraction``, vLLM's ``gpu_memory_utilization``, on the CPU backend the share of RAM it may
+reserve). RESULT: the generated token ids per prompt, the
+process's resident memory before and after the engine was built, and the generation wall time.
+The prompts go in as one batch, which vLLM schedules continuously.
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def main() -> None:
@@ -21,17 +33,17 @@ def main() -> None:
     model_dir, request_path, result_path = sys.argv[1:4]
     with open(request_path) as f:
         request = json.load(f)
+    rss_before = _rss_bytes()
     llm = LLM(
         model=model_dir,
         skip_tokenizer_init=True,
         enforce_eager=True,
-        dtype="float32",
-        max_model_len=128,
+        dtype=request.get("dtype", "float32"),
+        max_model_len=int(request.get("max_model_len", 128)),
         max_num_seqs=len(request["prompts"]),
         gpu_memory_utilization=float(request.get("memory_fraction", 0.15)),
     )
-    # parameters counted once each, as the model holds them (shared blocks once)
-    param_bytes = llm.apply_model(lambda m: sum(p.numel() * p.element_size() for p in m.parameters()))[0]
+    rss_engine = _rss_bytes()
     params = SamplingParams(
         max_tokens=request["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False
     )
@@ -41,7 +53,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     result = {
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-        "param_bytes": param_bytes,
+        "rss_before_engine": rss_before,
+        "rss_after_engine": rss_engine,
         "seconds": seconds,
     }
     with open(result_path, "w") as f:
