@@ -109,6 +109,8 @@ def _install_note() -> dict[str, str]:
         "requires": f"flexigpt>={version} (pip install flexigpt); it registers model_type 'flexigpt' "
         "with transformers' Auto classes",
         "load": "import flexigpt.shared; AutoModelForCausalLM.from_pretrained(this_directory)",
+        "vllm": "pip install --no-deps flexigpt in vLLM's environment (its model plugin), then "
+        "'vllm serve this_directory' (LLaMA family)",
         "without_flexigpt": "a plain model of the source architecture: 'flexigpt-train export "
         "--materialize' or engine.checkpoint.export_materialized (plans without output norms)",
     }

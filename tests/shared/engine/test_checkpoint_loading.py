@@ -80,6 +80,7 @@ def test_auto_config_answers_the_usual_fields_of_the_stack(arch, tmp_path):
     raw = json.loads((tmp_path / "c" / "config.json").read_text())
     assert raw["flexigpt"]["format"] == "flexigpt-compact/1"
     assert "pip install flexigpt" in raw["flexigpt"]["requires"]
+    assert "vllm serve" in raw["flexigpt"]["vllm"]
     assert raw["transformers_version"] and raw["architectures"] == ["FlexiGPTForCausalLM"]
 
 
