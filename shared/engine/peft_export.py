@@ -142,7 +142,11 @@ def export_peft(
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / BASE_DIR)
         base.name_or_path = str(tmp / BASE_DIR)  # peft reads the base's config from there while saving
+        # peft freezes the base, whose Parameters are the shared model's: their flags are put back below
+        trainable = {id(p): p.requires_grad for p in model.parameters()}
         peft_model = get_peft_model(base, lora_config)  # wraps the base's own linears, not the shared ones
+        for p in model.parameters():
+            p.requires_grad_(trainable[id(p)])
         layout = get_layout(model.config)
         with torch.no_grad():
             for i, layer in enumerate(_layers(model, layout)):

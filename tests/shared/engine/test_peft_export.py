@@ -40,6 +40,7 @@ def _shortgpt_lora(arch: str, **slot_kw) -> torch.nn.Module:
 def test_peft_loads_the_adapter_on_the_exported_base_with_equal_logits(arch, tmp_path):
     model = _shortgpt_lora(arch, own_norms=True)
     before = {n: p.clone() for n, p in model.named_parameters()}
+    model.requires_grad_(True)
     base_dir, adapter_dir = export_peft(model, tmp_path / "peft")
     assert sorted(p.name for p in adapter_dir.iterdir()) == [
         "README.md",
@@ -67,7 +68,7 @@ def test_peft_loads_the_adapter_on_the_exported_base_with_equal_logits(arch, tmp
         torch.testing.assert_close(auto(TOKENS).logits, want, rtol=1e-5, atol=1e-5)
     # the export left the shared model as it was
     for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]), n
+        assert torch.equal(p, before[n]) and p.requires_grad, n
 
 
 def test_peft_export_refuses_reused_blocks_and_output_norms(tmp_path):
