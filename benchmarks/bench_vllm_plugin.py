@@ -6,7 +6,10 @@ exists). Both directories are served the same way (vLLM offline engine, one batc
 prompts, ``--tokens`` greedy tokens each, eager mode) by ``flexigpt.vllm_plugin.generate`` in
 vLLM's environment (``FLEXIGPT_VLLM_PYTHON``). Printed: bytes on disk, resident memory the engine
 added (weights + KV cache + runtime; the KV cache is the same on both sides), generated tokens per
-second, and whether the two sides produced the same greedy tokens.
+second, and whether the two sides produced the same greedy tokens. Each side runs in a fresh
+engine ``--pairs`` times, interleaved (compact, materialised, compact, ...); each engine times
+``--repeats`` generations after a warm-up one and reports the median. The speed figure is the
+median of the per-pair ratios with its range.
 
     FLEXIGPT_VLLM_PYTHON=../vllm-env/bin/python python benchmarks/bench_vllm_plugin.py
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     python = os.environ.get("FLEXIGPT_VLLM_PYTHON")
     if not python:
@@ -88,26 +94,38 @@ def main() -> None:
         max_len = 48 + args.tokens + 8
         request.write_text(
             json.dumps(
-                {"prompts": prompts, "max_tokens": args.tokens, "dtype": args.dtype, "max_model_len": max_len}
+                {
+                    "prompts": prompts,
+                    "max_tokens": args.tokens,
+                    "dtype": args.dtype,
+                    "max_model_len": max_len,
+                    "repeats": args.repeats,
+                }
             )
         )
-        rows = {}
-        for name in ("compact", "materialized"):
-            r = _serve(python, t / name, request, t / f"{name}.json")
-            rows[name] = (
-                _payload(t / name),
-                r["rss_after_engine"] - r["rss_before_engine"],
-                args.prompts * args.tokens / r["seconds"],
-                r["tokens"],
-            )
+        runs: dict[str, list[dict]] = {"compact": [], "materialized": []}
+        for _ in range(args.pairs):  # interleaved: compact, materialised, compact, ...
+            for name, done in runs.items():
+                done.append(_serve(python, t / name, request, t / f"{name}.json"))
+        disk = {name: _payload(t / name) for name in runs}
     print(
-        f"{args.slots} slots over {args.blocks} blocks, hidden {args.hidden}, rank {args.rank}, {args.dtype}"
+        f"{args.slots} slots over {args.blocks} blocks, hidden {args.hidden}, rank {args.rank}, {args.dtype}, "
+        f"{args.prompts} prompts x {args.tokens} tokens, {torch.get_num_threads()} threads here"
     )
-    print(f"{'':14}{'on disk MB':>12}{'engine RSS MB':>15}{'tokens/s':>10}")
-    for name, (disk, rss, tps, _) in rows.items():
-        print(f"{name:14}{disk / 2**20:12.1f}{rss / 2**20:15.1f}{tps:10.1f}")
-    same = sum(a == b for a, b in zip(rows["compact"][3], rows["materialized"][3], strict=True))
+    print(f"{'':14}{'on disk MB':>12}{'engine RSS MB (median)':>24}{'tokens/s (median)':>19}")
+    for name, done in runs.items():
+        rss = statistics.median(r["rss_after_engine"] - r["rss_before_engine"] for r in done)
+        tps = statistics.median(args.prompts * args.tokens / r["seconds"] for r in done)
+        print(f"{name:14}{disk[name] / 2**20:12.1f}{rss / 2**20:24.1f}{tps:19.1f}")
+    same = sum(
+        a == b for a, b in zip(runs["compact"][0]["tokens"], runs["materialized"][0]["tokens"], strict=True)
+    )
     print(f"identical greedy sequences: {same}/{args.prompts}")
+    ratios = [c["seconds"] / m["seconds"] for c, m in zip(runs["compact"], runs["materialized"], strict=True)]
+    print(
+        f"compact/materialised generation time: median {statistics.median(ratios):.3f} "
+        f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} pairs)"
+    )
 
 
 if __name__ == "__main__":
