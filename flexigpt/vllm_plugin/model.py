@@ -10,8 +10,10 @@ tensors (``slots.<i>.*``: LoRA factors, output feature norms, private norms). He
   norms; at run time it calls the linears of the block it runs and adds its own parts.
 
 Continuous batching, paged attention and the scheduler are vLLM's own: the model only sees the
-flattened tokens of the batch and their positions. Supported: the LLaMA family (LLaMA-2, LLaMA-3,
-TinyLlama) on one device (tensor parallel size 1); anything else is refused when the model is built.
+flattened tokens of the batch and their positions. Supported: the architectures of the engine
+(LLaMA-2 / LLaMA-3 / TinyLlama, Mistral with its sliding window, Qwen2 with q/k/v biases and
+per-layer sliding windows) on one device (tensor parallel size 1); anything else is refused when
+the model is built.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # target short name -> (fused module in the block, shard id in it); o and down are not fused
 _FUSED = {
     "q": ("self_attn.qkv_proj", "q"),
@@ -63,9 +65,13 @@ class _Block(nn.Module):
         super().__init__()
         h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.head_dim = cfg["head_dim"]
-        bias = bool(cfg.get("attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(h, self.head_dim, heads, kv, bias=bias, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(heads * self.head_dim, h, bias=bias, prefix=f"{prefix}.o_proj")
+        # Qwen2's q/k/v always carry biases (o does not); LLaMA's follow attention_bias
+        bias_o = bool(cfg.get("attention_bias", False))
+        bias_qkv = bias_o or cfg["model_type"] == "qwen2"
+        self.qkv_proj = QKVParallelLinear(
+            h, self.head_dim, heads, kv, bias=bias_qkv, prefix=f"{prefix}.qkv_proj"
+        )
+        self.o_proj = RowParallelLinear(heads * self.head_dim, h, bias=bias_o, prefix=f"{prefix}.o_proj")
         f = cfg["intermediate_size"]
         mlp_bias = bool(cfg.get("mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -100,6 +106,7 @@ class _Slot(nn.Module):
             hd**-0.5,
             num_kv_heads=kv,
             cache_config=vllm_config.cache_config,
+            per_layer_sliding_window=_sliding_window(cfg, index),
             prefix=f"model.layers.{index}.self_attn.attn",
         )
         self.own_norms = bool(spec.get("own_norms"))
@@ -175,8 +182,22 @@ class _Slot(nn.Module):
         return x + self._out_norm(d, getattr(self, "mlp_out_norm", None))
 
 
+def _sliding_window(cfg: dict[str, Any], slot: int) -> int | None:
+    """The attention window of a slot: Qwen2 per layer (``layer_types``, which follow the slots),
+    Mistral on every layer, none for LLaMA."""
+    window = cfg.get("sliding_window")
+    if cfg["model_type"] == "qwen2":
+        types = cfg.get("slot_layer_types")
+        return window if types and types[slot] == "sliding_attention" else None
+    return window if cfg["model_type"] == "mistral" else None
+
+
 def _stack_fields(hf_config: Any) -> dict[str, Any]:
     base = dict(hf_config.base_config)
+    # per-layer lists of the source config follow the slots (the block each slot runs)
+    blocks = [int(s["block"]) for s in hf_config.plan["slots"]]
+    if isinstance(base.get("layer_types"), list):
+        base["slot_layer_types"] = [base["layer_types"][b] for b in blocks]
     if base.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"the vLLM plugin serves compact checkpoints of {list(SUPPORTED_MODEL_TYPES)}; this one is "
@@ -188,7 +209,7 @@ def _stack_fields(hf_config: Any) -> dict[str, Any]:
 
 
 class FlexiGPTForCausalLM(nn.Module):
-    """vLLM model of a compact checkpoint (LLaMA family): shared blocks, per-slot KV cache and adapters."""
+    """vLLM model of a compact checkpoint: shared blocks, per-slot KV cache, adapters and norms."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

@@ -110,7 +110,7 @@ def _install_note() -> dict[str, str]:
         "with transformers' Auto classes",
         "load": "import flexigpt.shared; AutoModelForCausalLM.from_pretrained(this_directory)",
         "vllm": "pip install --no-deps flexigpt in vLLM's environment (its model plugin), then "
-        "'vllm serve this_directory' (LLaMA family)",
+        "'vllm serve this_directory'",
         "without_flexigpt": "a plain model of the source architecture: 'flexigpt-train export "
         "--materialize' or engine.checkpoint.export_materialized (plans without output norms)",
     }

@@ -69,24 +69,29 @@ def serve(model_dir: Path, prompts: list[list[int]], max_tokens: int, work: Path
 
 
 def reference(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """The toolkit's own greedy tokens (transformers generate with the KV cache)."""
+    """The toolkit's own greedy tokens: its forward with the KV cache, one token at a time, past EOS
+    as vLLM's ``ignore_eos`` (``generate`` would stop there)."""
     out = []
     with torch.no_grad():
         for p in prompts:
-            ids = model.generate(
-                torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0
-            )
-            out.append(ids[0, len(p) :].tolist())
+            step = model(torch.tensor([p]), use_cache=True)
+            tokens: list[int] = []
+            for _ in range(max_tokens):
+                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(nxt))
+                step = model(nxt, past_key_values=step.past_key_values, use_cache=True)
+            out.append(tokens)
     return out
 
 
 def shared_model(arch: str) -> torch.nn.Module:
     """A tiny compact-able model with every slot feature: reused blocks, LoRA (rank and alpha
-    patterns), output norms, private norms; head_dim 64 (vLLM's CPU attention needs 32 or more)."""
+    patterns), output norms, private norms; head_dim 64 (vLLM's CPU attention needs 32 or more).
+    Mistral and Qwen2 have a 16-token sliding window, which the longer sequences here pass."""
     kw = {"num_key_value_heads": 1} if arch == "llama3" else {}
     source = tiny_model(arch, hidden=128, heads=2, **kw)
     plan = Plan(
-        "llama",
+        source.config.model_type,
         4,
         (
             SlotSpec(0),
@@ -107,7 +112,7 @@ def shared_model(arch: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama2", "llama3"])
+@pytest.mark.parametrize("arch", ["llama2", "llama3", "mistral", "qwen2"])
 def test_vllm_serves_a_compact_model_with_the_toolkits_greedy_tokens(arch: str, tmp_path: Path) -> None:
     model = shared_model(arch)
     save_compact(model, tmp_path / f"compact-{arch}")
