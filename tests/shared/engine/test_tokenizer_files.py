@@ -14,7 +14,8 @@ from flexigpt.shared.engine.peft_export import export_peft
 from flexigpt.shared.engine.plan import AdapterSpec, Plan, SlotSpec
 from flexigpt.shared.engine.tiny import tiny_model
 from flexigpt.shared.engine.tokenizer_files import save_tokenizer
-from tests.kit import write_tokenizer
+
+from ...kit import write_tokenizer
 
 TEXT = "The cat sat on the mat.\nThen it ran  away, 42 times."
 
