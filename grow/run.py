@@ -29,6 +29,7 @@ from transformers import PretrainedConfig
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.checkpoint import load_model, save_compact
 from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.engine.tokenizer_files import save_tokenizer
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import TrainRecipe
 
@@ -144,7 +145,7 @@ def _save_plain(model: Any, out: Path, tokenizer: Any) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier attempt
     model.save_pretrained(tmp)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

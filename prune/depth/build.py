@@ -28,6 +28,7 @@ from flexigpt.shared.engine.apply import SOURCE_CLASSES, apply_plan, expected_tr
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.parts import skeleton
 from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.engine.tokenizer_files import save_tokenizer
 
 
 class PruneError(ValueError):
@@ -114,7 +115,7 @@ def export_plain(model: PreTrainedModel, out: str | Path, tokenizer: Any = None)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier attempt
     plain_model(model).save_pretrained(tmp)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -7,5 +7,7 @@
 - ``apply``: apply a plan to a source model, verify it, count its parameters, materialise it.
 - ``checkpoint``: the compact checkpoint format, its Auto-class registration, the plain export.
 - ``card``: the README.md model card written into every compact checkpoint directory.
+- ``load_options``: which ``from_pretrained`` options a compact load honours, and which it refuses.
+- ``peft_export``: a base-plus-adapters model (ShortGPT+LoRA) as a plain base and a peft adapter.
 - ``tiny``: small random models of every supported architecture, for tests and benchmarks.
 """

@@ -80,6 +80,54 @@ SOURCE_CLASSES: dict[str, type[PreTrainedModel]] = {
 }
 
 
+def output_norm_message(model_type: str, slots: Sequence[int]) -> str:
+    """Why a model with output feature norms has no plain checkpoint (export and save say the same)."""
+    return (
+        f"slots {list(slots)} have output feature norms, which the plain {model_type} architecture "
+        "cannot express; save the compact format instead (the shared model's save_pretrained, or "
+        "'flexigpt-train export' without --materialize)"
+    )
+
+
+def check_plain_exportable(plan: Plan) -> None:
+    """Refuse, before anything is written, a plan whose model has no plain checkpoint.
+
+    Raises:
+        PlanError: slots of the plan have output feature norms (``output_norm_message``).
+    """
+    with_norm = [i for i, s in enumerate(plan.slots) if s.out_norm is not None]
+    if with_norm:
+        raise PlanError(output_norm_message(plan.model_type, with_norm))
+
+
+class KeptOutputNormMixin:
+    """A materialised model that still holds output norms: it runs in memory but is never saved.
+
+    Plain transformers would load such a directory as another model (the norm weights unexpected,
+    nothing to apply them), so saving it is refused with the message of the plain export.
+    """
+
+    def save_pretrained(self, *_: object, **__: object) -> None:
+        """Refuse: see the class docstring.
+
+        Raises:
+            PlanError: always, naming the slots with output norms.
+        """
+        layers = _layers(self, get_layout(self.config))  # type: ignore[arg-type]
+        slots = [
+            i for i, layer in enumerate(layers) if any(isinstance(m, OutputNorm) for m in layer.modules())
+        ]
+        raise PlanError(output_norm_message(self.config.model_type, slots))  # type: ignore[attr-defined]
+
+
+KEPT_NORM_CLASSES: dict[str, type[PreTrainedModel]] = {
+    mt: type(
+        f"OutputNorm{cls.__name__}", (KeptOutputNormMixin, cls), {"__doc__": KeptOutputNormMixin.__doc__}
+    )
+    for mt, cls in SOURCE_CLASSES.items()
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # parameter naming
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +494,8 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
     The shared model is not modified. Output feature norms have no counterpart in the source
     architecture (a per-token normalisation cannot be folded into a linear layer), so a plan with
     output norms is refused unless ``keep_output_norm=True``, which keeps them as extra modules:
-    the result then runs in memory (evaluation, generation) but is not a plain checkpoint.
+    the result then runs in memory (evaluation, generation) but is not a plain checkpoint, and its
+    ``save_pretrained`` refuses with the message of the plain export.
 
     Raises:
         PlanError: the plan has output norms and ``keep_output_norm`` is False.
@@ -455,9 +504,8 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
     with_norm = [i for i, s in enumerate(plan.slots) if s.out_norm is not None]
     if with_norm and not keep_output_norm:
         raise PlanError(
-            f"slots {with_norm} have output feature norms, which the plain {plan.model_type} architecture "
-            "cannot express; save the compact format instead, or pass keep_output_norm=True for an "
-            "in-memory model"
+            output_norm_message(plan.model_type, with_norm)
+            + ", or pass keep_output_norm=True for an in-memory model"
         )
     layout = get_layout(model.config)
     config = copy.deepcopy(model.config)
@@ -490,9 +538,9 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
                 wrapped.out_norm.weight.copy_(m.out_norm.weight)
                 dense.set_submodule(path, wrapped)
         new_layers.append(dense)
-    plain = skeleton(
-        SOURCE_CLASSES[layout.model_type], config, top=model, copy_top=True, layers=nn.ModuleList(new_layers)
-    )
+    # a model that keeps output norms is a class whose save_pretrained refuses: it is no plain checkpoint
+    cls = (KEPT_NORM_CLASSES if with_norm else SOURCE_CLASSES)[layout.model_type]
+    plain = skeleton(cls, config, top=model, copy_top=True, layers=nn.ModuleList(new_layers))
     if config.tie_word_embeddings:
         plain.lm_head.weight = plain.model.embed_tokens.weight
     plain.generation_config = copy.deepcopy(model.generation_config)

@@ -5,17 +5,23 @@
 config, ``FlexiGPTForCausalLM``, whose ``from_pretrained`` builds the shared model from the plan
 (``checkpoint.load_compact``). No ``trust_remote_code`` is involved.
 
-This module imports only transformers' configuration code, never its modelling code or the engine:
+This module imports only transformers' configuration code and the pure-data layouts, never torch:
 registration can then run right after transformers' Auto modules are imported (see ``autohook``)
 without any risk of importing a half-initialised module.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from typing import Any
 
 from transformers.configuration_utils import PretrainedConfig
+
+from flexigpt.shared.engine.layout import get_layout
+
+FORMAT_VERSION = "flexigpt-compact/1"
+"""The compact format's version, stored in its weights' metadata and config."""
 
 LOAD_HINT = (
     "flexigpt compact shared-block checkpoint: transformers alone does not know model_type 'flexigpt'. "
@@ -26,7 +32,14 @@ LOAD_HINT = (
 
 
 class FlexiGPTConfig(PretrainedConfig):
-    """Config of a compact checkpoint: the source config plus the plan."""
+    """Config of a compact checkpoint: the source config plus the plan.
+
+    The usual top-level fields (``num_hidden_layers``, ``vocab_size``, ``hidden_size``, ...) mirror
+    the config of the stack the plan builds (one layer per slot), so that tools reading a config
+    see the model that runs; ``base_config`` and ``plan`` stay the only source of truth for loading.
+    The ``flexigpt`` field says, to a reader without this package, what the directory is and what
+    to install to load it.
+    """
 
     model_type = "flexigpt"
 
@@ -41,7 +54,42 @@ class FlexiGPTConfig(PretrainedConfig):
         self.plan = plan
         # Read by people only: what to install when transformers does not recognise the format.
         self.how_to_load = how_to_load
+        if base_config is not None and plan is not None:
+            kw.update(_mirrored_fields(base_config, plan))
+            kw["flexigpt"] = _install_note()
         super().__init__(**kw)
+
+
+# Fields of the source config that describe the file, not the model: never mirrored.
+_NOT_MIRRORED = ("model_type", "architectures", "transformers_version", "auto_map", "base_config", "plan")
+
+
+def _mirrored_fields(base_config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """The source config's fields as the slot stack has them (layer count, per-layer lists)."""
+    blocks = [s["block"] for s in plan["slots"]]
+    out = {k: v for k, v in base_config.items() if not k.startswith("_") and k not in _NOT_MIRRORED}
+    out["num_hidden_layers"] = len(blocks)
+    for name in get_layout(base_config.get("model_type")).per_layer_config:
+        if isinstance(out.get(name), list):
+            out[name] = [out[name][b] for b in blocks]
+    return out
+
+
+def _install_note() -> dict[str, str]:
+    try:
+        version = importlib.metadata.version("flexigpt")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        version = "0.1.0"
+    return {
+        "format": FORMAT_VERSION,
+        "requires": f"flexigpt>={version} (pip install flexigpt); it registers model_type 'flexigpt' "
+        "with transformers' Auto classes",
+        "load": "import flexigpt.shared; AutoModelForCausalLM.from_pretrained(this_directory)",
+        "vllm": "pip install --no-deps flexigpt in vLLM's environment (its model plugin), then "
+        "'vllm serve this_directory'",
+        "without_flexigpt": "a plain model of the source architecture: 'flexigpt-train export "
+        "--materialize' or engine.checkpoint.export_materialized (plans without output norms)",
+    }
 
 
 class FlexiGPTForCausalLM:
@@ -55,17 +103,23 @@ class FlexiGPTForCausalLM:
     config_class = FlexiGPTConfig
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *_: Any, **kwargs: Any):
-        """Load the compact checkpoint at `pretrained_model_name_or_path` (``dtype`` / ``attn_implementation`` honoured)."""
-        from flexigpt.shared.engine.checkpoint import load_compact
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Load a compact checkpoint; every option is honoured or refused (see ``load_options``).
 
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        Raises:
+            LoadOptionError: an option the compact loader cannot honour (quantisation, a device map
+                over several devices, ...), named in the message.
+        """
+        from flexigpt.shared.engine.checkpoint import load_compact
+        from flexigpt.shared.engine.load_options import resolve_options
+
+        opts = resolve_options(args, kwargs)
         return load_compact(
             pretrained_model_name_or_path,
-            dtype=None if dtype == "auto" else dtype,
-            # the Auto class moves `attn_implementation` into the config it passes on
-            attn_implementation=kwargs.get("attn_implementation")
-            or getattr(kwargs.get("config"), "_attn_implementation_internal", None),
+            dtype=opts.dtype,
+            attn_implementation=opts.attn_implementation,
+            device=opts.device,
+            **opts.hub,
         )
 
 

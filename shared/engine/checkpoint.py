@@ -18,6 +18,8 @@ A compact checkpoint directory holds:
 bit-identical outputs and the plan, with no ``trust_remote_code``: the model class it resolves to
 (``autoclass.FlexiGPTForCausalLM``) builds the model from the plan. Importing this module registers
 it; ``import flexigpt.shared`` registers it when transformers' Auto classes are first imported.
+Its options (``dtype``, ``device_map``, ``revision``, ...) are honoured or refused by name
+(``load_options``); the weights may also be sharded (``model.safetensors.index.json``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +43,28 @@ from flexigpt.shared.engine.apply import (
     _set_param,
     apply_plan,
     canonical_name,
+    check_plain_exportable,
     iter_slot_params,
     materialize,
 )
-from flexigpt.shared.engine.autoclass import FlexiGPTConfig, FlexiGPTForCausalLM, register_auto_classes
+from flexigpt.shared.engine.autoclass import (
+    FORMAT_VERSION,
+    FlexiGPTConfig,
+    FlexiGPTForCausalLM,
+    register_auto_classes,
+)
 from flexigpt.shared.engine.card import CARD_NAME, model_card
 from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.load_options import LoadOptionError
 from flexigpt.shared.engine.parts import BLOCK, OWN_NORM, skeleton, slot_param_roles, top_params
 from flexigpt.shared.engine.plan import Plan, PlanError
+from flexigpt.shared.engine.tokenizer_files import save_tokenizer
 
 # Whoever imports this module can load compact checkpoints through the Auto classes at once, hook or not.
 register_auto_classes()
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-FORMAT_VERSION = "flexigpt-compact/1"
 
 
 class CheckpointError(RuntimeError):
@@ -177,7 +185,7 @@ def save_compact(
         )
         model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,15 +265,19 @@ def _replace_dir(new: Path, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------------------------
-def _resolve_dir(path: str | os.PathLike) -> Path:
+def _resolve_dir(path: str | os.PathLike, subfolder: str = "", **hub: Any) -> Path:
     p = Path(path)
-    if p.is_dir():
-        return p
-    if p.exists() or str(path).startswith((".", "/")):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    from huggingface_hub import snapshot_download  # a hub id: what users run, never the tests
+    if not p.is_dir():
+        if p.exists() or str(path).startswith((".", "/")):
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        from huggingface_hub import snapshot_download  # a hub id (or its copy in the local hub cache)
 
-    return Path(snapshot_download(str(path)))
+        p = Path(snapshot_download(str(path), **hub))
+    if subfolder:
+        p = p / subfolder
+        if not p.is_dir():
+            raise CheckpointError(f"{path}: no subfolder {subfolder!r}")
+    return p
 
 
 def is_compact(path: str | os.PathLike) -> bool:
@@ -275,7 +287,12 @@ def is_compact(path: str | os.PathLike) -> bool:
 
 
 def load_compact(
-    path: str | os.PathLike, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    *,
+    device: torch.device | str | None = None,
+    **hub: Any,
 ) -> PreTrainedModel:
     """Load a compact checkpoint: the shared model with its sharing, plan and exact weights.
 
@@ -283,12 +300,15 @@ def load_compact(
         path: a local compact directory or a hub id.
         dtype: cast the loaded weights to this dtype (default: as stored).
         attn_implementation: ``eager`` | ``sdpa`` | ... (default ``sdpa``, as transformers).
+        device: read every tensor straight onto this device (default: CPU).
+        hub: for a hub id: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
+            ``force_download``; ``subfolder`` also applies to a local directory.
 
     Raises:
         CheckpointError: the directory is incomplete or its tensors do not match the plan.
         PlanError: the plan is invalid or names an unsupported architecture.
     """
-    d = _resolve_dir(path)
+    d = _resolve_dir(path, **hub)
     raw = json.loads((d / "config.json").read_text())
     if raw.get("model_type") != "flexigpt":
         raise CheckpointError(f"{d}: config.json has model_type={raw.get('model_type')!r}, not 'flexigpt'")
@@ -301,16 +321,21 @@ def load_compact(
     source = skeleton(SOURCE_CLASSES[layout.model_type], base)
     src_layers = _layers(source, layout)
     slot_tensors: dict[tuple[int, str], torch.Tensor] = {}
-    for key, t in _read_weights(d):
-        kind, _, rest = key.partition(".")
-        if kind == "blocks":
-            b, _, name = rest.partition(".")
-            _set_param(src_layers[int(b)], name, nn.Parameter(t))
-        elif kind == "slots":
-            i, _, name = rest.partition(".")
-            slot_tensors[(int(i), name)] = t
-        else:
-            _set_param(source, key, nn.Parameter(t))
+    files = weight_files(d)
+    target = torch.device("cpu") if device is None else torch.device(device)
+    for file in files:  # one file, or the shards of a sharded save
+        with safe_open(str(file), framework="pt", device=str(target)) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                t = f.get_tensor(key)
+                kind, _, rest = key.partition(".")
+                if kind == "blocks":
+                    b, _, name = rest.partition(".")
+                    _set_param(src_layers[int(b)], name, nn.Parameter(t))
+                elif kind == "slots":
+                    i, _, name = rest.partition(".")
+                    slot_tensors[(int(i), name)] = t
+                else:
+                    _set_param(source, key, nn.Parameter(t))
     if base.tie_word_embeddings:
         source.lm_head.weight = source.model.embed_tokens.weight
     model = apply_plan(source, plan, init_slot_params=False)
@@ -327,6 +352,8 @@ def load_compact(
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(d)
+    # rebuilt buffers (rotary inv_freq) and new slot modules start on the CPU
+    model.to(target)
     if dtype is not None:
         model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model.eval()
@@ -351,13 +378,6 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{d}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
 
 
-def _read_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in weight_files(directory):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                yield key, f.get_tensor(key)
-
-
 def load_model(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None
 ) -> PreTrainedModel:
@@ -380,6 +400,7 @@ def export_materialized(
     Raises:
         PlanError: the plan has output feature norms, which the plain architecture cannot hold.
     """
+    check_plain_exportable(model.plan)
     plain = materialize(model)
     out = Path(save_directory)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -387,7 +408,7 @@ def export_materialized(
     try:
         plain.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -398,6 +419,7 @@ __all__ = [
     "CheckpointError",
     "FlexiGPTConfig",
     "FlexiGPTForCausalLM",
+    "LoadOptionError",
     "PlanError",
     "export_materialized",
     "is_compact",

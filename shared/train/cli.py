@@ -2,11 +2,12 @@
 
     flexigpt-train RECIPE.yaml [key.path=value ...] [--resume auto|never|restart|DIR]
                    [--allow-plan-change] [--allow-world-size-change] [--allow-schedule-change]
-    flexigpt-train export CHECKPOINT OUT_DIR [--materialize] [--dtype float32|bfloat16|float16]
+    flexigpt-train export CHECKPOINT OUT_DIR [--materialize] [--peft] [--dtype float32|bfloat16|float16]
     flexigpt-train --help-recipe
 
 The same as ``python -m flexigpt.shared.train``. Several ranks: ``torchrun --nproc_per_node N -m
-flexigpt.shared.train RECIPE.yaml`` (or the ``deepspeed`` launcher). Running the same command
+flexigpt.shared.train RECIPE.yaml`` or ``deepspeed --num_gpus N --module flexigpt.shared.train
+RECIPE.yaml`` (its ``--local_rank`` is accepted and becomes ``LOCAL_RANK``). Running the same command
 again resumes from the newest valid checkpoint in ``output_dir``. Every training knob is a recipe
 field (``--help-recipe`` lists them); the flags above only say how to treat existing checkpoints.
 
@@ -60,7 +61,22 @@ def _train_parser() -> argparse.ArgumentParser:
         "sizes or the data settings (seq_len, seed, sources, shuffle) changed; prints each change, and "
         "the data streams start again",
     )
+    # The stock `deepspeed` launcher passes --local_rank=N to every rank (and sets LOCAL_RANK too).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def use_local_rank(local_rank: int | None) -> None:
+    """Make a launcher's ``--local_rank`` the ``LOCAL_RANK`` the run reads (DeepSpeed and the device do).
+
+    Raises:
+        RecipeError: the flag and an already set ``LOCAL_RANK`` disagree.
+    """
+    if local_rank is None:
+        return
+    env = os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if env != str(local_rank):
+        raise RecipeError(f"--local_rank={local_rank} disagrees with the environment's LOCAL_RANK={env}")
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -73,6 +89,12 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="directory of the compact model")
     p.add_argument(
         "--materialize", action="store_true", help="also write a plain HF model to OUT_DIR_materialized"
+    )
+    p.add_argument(
+        "--peft",
+        action="store_true",
+        help="also write a plain base and a peft LoRA adapter to OUT_DIR_peft/{base,adapter} "
+        "(plans whose slots each run their own block once, without output norms: ShortGPT+LoRA)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return p
@@ -91,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _train_parser().parse_intermixed_args(argv)
     try:
+        use_local_rank(args.local_rank)
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:
         print(f"flexigpt-train: {e}", file=sys.stderr)
@@ -120,7 +143,9 @@ def _train(recipe: object, args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from flexigpt.shared.train.export import export_checkpoint
 
-    for d in export_checkpoint(args.checkpoint, args.out_dir, materialize=args.materialize, dtype=args.dtype):
+    for d in export_checkpoint(
+        args.checkpoint, args.out_dir, materialize=args.materialize, peft=args.peft, dtype=args.dtype
+    ):
         print(f"wrote {d}")
     return 0
 

@@ -3,7 +3,8 @@
 DeepSpeed's ``zero_to_fp32`` reassembles the full fp32 weights from the ZeRO partitions of every
 rank (any stage, any world size). The model skeleton is rebuilt from the checkpoint's own
 ``recipe.yaml`` (its ``model`` section) and ``plan.json``, the weights are loaded into it, and the
-result is written in the compact format and, on request, materialised as a plain HF model.
+result is written in the compact format and, on request, materialised as a plain HF model or as
+a plain base plus a peft adapter.
 
 ``zero_to_fp32`` unpickles without restrictions, so every ``*.pt`` file of the checkpoint is first
 unpickled with ``weights_only=True`` and the allow-list of ``state.safe_torch_load``; a file that
@@ -20,9 +21,10 @@ import yaml
 from torch import nn
 from transformers import PreTrainedModel
 
-from flexigpt.shared.engine.apply import apply_plan
+from flexigpt.shared.engine.apply import apply_plan, check_plain_exportable
 from flexigpt.shared.engine.checkpoint import export_materialized, save_compact
-from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.engine.peft_export import check_peft_exportable, export_peft
+from flexigpt.shared.engine.plan import Plan, PlanError
 from flexigpt.shared.recipe import ModelSection
 from flexigpt.shared.train.components import DTYPES, load_tokenizer
 from flexigpt.shared.train.state import check_pickles, list_checkpoints
@@ -100,6 +102,21 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bo
     return missing
 
 
+def checkpoint_dir(ckpt_dir: str | Path) -> Path:
+    """The checkpoint directory itself: `ckpt_dir`, or the newest checkpoint inside it.
+
+    Raises:
+        ExportError: neither a checkpoint nor a directory of checkpoints.
+    """
+    d = Path(ckpt_dir)
+    if not (d / "recipe.yaml").is_file():
+        found = list_checkpoints(d)
+        if not found:
+            raise ExportError(f"{d} is neither a checkpoint directory nor a directory of checkpoints")
+        d = found[0]
+    return d
+
+
 def model_from_checkpoint(ckpt_dir: str | Path, dtype: str = "float32") -> tuple[PreTrainedModel, Any]:
     """Rebuild the trained model of a checkpoint (and its tokenizer) on CPU, without DeepSpeed's engine.
 
@@ -111,12 +128,7 @@ def model_from_checkpoint(ckpt_dir: str | Path, dtype: str = "float32") -> tuple
     Raises:
         ExportError: no checkpoint, or its weights do not fit the model its recipe and plan describe.
     """
-    d = Path(ckpt_dir)
-    if not (d / "recipe.yaml").is_file():
-        found = list_checkpoints(d)
-        if not found:
-            raise ExportError(f"{d} is neither a checkpoint directory nor a directory of checkpoints")
-        d = found[0]
+    d = checkpoint_dir(ckpt_dir)
     raw = yaml.safe_load((d / "recipe.yaml").read_text())
     section = ModelSection.model_validate(raw["model"])
     from flexigpt.shared.engine.checkpoint import load_model
@@ -136,24 +148,49 @@ def model_from_checkpoint(ckpt_dir: str | Path, dtype: str = "float32") -> tuple
 
 
 def export_checkpoint(
-    ckpt_dir: str | Path, out_dir: str | Path, *, materialize: bool = False, dtype: str = "float32"
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    materialize: bool = False,
+    peft: bool = False,
+    dtype: str = "float32",
 ) -> list[Path]:
-    """Write the model of a checkpoint in the compact format (and materialised, on request).
+    """Write the model of a checkpoint in the compact format (and materialised / as peft, on request).
+
+    What the plan cannot give (a plain model of a plan with output norms, a peft adapter of a plan
+    that reuses blocks) is refused from ``plan.json`` before any weight is read or file written.
 
     Args:
         ckpt_dir: a checkpoint directory or a ``checkpoints`` directory (newest used).
         out_dir: target of the compact model; the materialised one goes to ``<out_dir>_materialized``.
         materialize: also write a plain HF model (adapters merged into private weight copies).
+        peft: also write the plain base and a peft adapter to ``<out_dir>_peft/{base,adapter}``.
         dtype: float32 | bfloat16 | float16.
 
     Returns:
         The directories written.
+
+    Raises:
+        ExportError: no checkpoint, weights that do not fit, or an export the plan cannot give.
     """
-    model, tokenizer = model_from_checkpoint(ckpt_dir, dtype=dtype)
+    d = checkpoint_dir(ckpt_dir)
+    plan = Plan.load(d / "plan.json")
+    for wanted, flag, check in (
+        (materialize, "--materialize", check_plain_exportable),
+        (peft, "--peft", check_peft_exportable),
+    ):
+        try:
+            if wanted:
+                check(plan)
+        except PlanError as e:
+            raise ExportError(f"{flag}: {e}") from None
+    model, tokenizer = model_from_checkpoint(d, dtype=dtype)
     out = Path(out_dir)
     written = [save_compact(model, out, tokenizer=tokenizer)]
     if materialize:
         written.append(
             export_materialized(model, out.with_name(out.name + "_materialized"), tokenizer=tokenizer)
         )
+    if peft:
+        written.extend(export_peft(model, out.with_name(out.name + "_peft"), tokenizer=tokenizer))
     return written

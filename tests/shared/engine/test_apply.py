@@ -196,11 +196,24 @@ def test_materialize_refuses_output_norm_unless_kept():
         materialize(model)
     dense = materialize(model, keep_output_norm=True)
     torch.testing.assert_close(_logits(dense), _logits(model), rtol=1e-5, atol=1e-5)
+    assert isinstance(dense, type(tiny_model("llama2")))
     # private copies: training the dense model leaves the shared one untouched
     assert (
         dense.model.layers[2].self_attn.q_proj.weight.data_ptr()
         != dense.model.layers[1].self_attn.q_proj.weight.data_ptr()
     )
+
+
+def test_saving_a_model_that_kept_output_norms_is_refused_like_the_export(tmp_path):
+    model = apply_plan(tiny_model("llama2"), _reuse_plan("llama"))
+    dense = materialize(model, keep_output_norm=True)
+    with pytest.raises(PlanError) as save_err:
+        dense.save_pretrained(tmp_path / "dense")
+    with pytest.raises(PlanError) as export_err:
+        export_materialized(model, tmp_path / "plain")
+    assert str(save_err.value) == str(export_err.value)
+    assert "slots [2, 4] have output feature norms" in str(save_err.value)
+    assert not any(tmp_path.iterdir())  # neither wrote anything
 
 
 def test_plan_must_fit_the_model():
