@@ -20,6 +20,7 @@ Importing this module loads no torch.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -39,7 +40,7 @@ PR_SET_PDEATHSIG = 1
 # Seconds an orphaned rank gets to checkpoint after its launcher died, before the watchdog ends it.
 ORPHAN_GRACE_S = 300.0
 
-_held: dict[Path, tuple[int, int]] = {}  # resolved output_dir -> (lock file descriptor, depth)
+_held: dict[Path, tuple[int, int, bool]] = {}  # output_dir -> (lock fd, depth, created by this lock)
 _held_guard = threading.Lock()
 _guarded_parent: int | None = None  # the launcher pid stop_with_launcher watches, once installed
 
@@ -100,21 +101,36 @@ def run_lock(output_dir: str | Path) -> Iterator[Path]:
     out = Path(output_dir).resolve()
     with _held_guard:
         if out in _held:
-            fd, depth = _held[out]
-            _held[out] = (fd, depth + 1)
+            fd, depth, created = _held[out]
+            _held[out] = (fd, depth + 1, created)
         else:
-            _held[out] = (_acquire(out), 1)
+            created = not out.exists()
+            _held[out] = (_acquire(out), 1, created)
     try:
         yield out / LOCK_NAME
     finally:
         with _held_guard:
-            fd, depth = _held[out]
+            fd, depth, created = _held[out]
             if depth > 1:
-                _held[out] = (fd, depth - 1)
+                _held[out] = (fd, depth - 1, created)
             else:
                 del _held[out]
-                fcntl.flock(fd, fcntl.LOCK_UN)  # the file stays: deleting it would race with a new holder
+                # A run refused before it wrote anything leaves no trace: the directory it created
+                # holds only the lock, which is removed while still held (a run starting now then
+                # fails on this lock or makes a new one), never after release.
+                if created and _only_lock(out):
+                    with contextlib.suppress(OSError):
+                        (out / LOCK_NAME).unlink()
+                        out.rmdir()
+                fcntl.flock(fd, fcntl.LOCK_UN)  # a kept file stays: deleting it after release would race
                 os.close(fd)
+
+
+def _only_lock(out: Path) -> bool:
+    try:
+        return [p.name for p in out.iterdir()] == [LOCK_NAME]
+    except OSError:
+        return False
 
 
 def stop_with_launcher(grace_s: float = ORPHAN_GRACE_S) -> bool:

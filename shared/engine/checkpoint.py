@@ -375,7 +375,7 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
         return files
     if (d / WEIGHTS_NAME).is_file():
         return [d / WEIGHTS_NAME]
-    raise CheckpointError(f"{d}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
+    raise CheckpointError(f"{d}: neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
 def load_model(

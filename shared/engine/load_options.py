@@ -13,15 +13,10 @@ several devices, offloading, tensor parallelism, GGUF files and non-safetensors 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 HUB_OPTIONS: tuple[str, ...] = (
     "revision",
@@ -166,19 +161,3 @@ def resolve_options(model_args: tuple[Any, ...], kwargs: dict[str, Any]) -> Load
         attn_implementation=attn,
         hub={k: kwargs[k] for k in HUB_OPTIONS if kwargs.get(k) is not None},
     )
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a compact directory: one file, or the shards its index names.
-
-    Raises:
-        FileNotFoundError: neither ``model.safetensors`` nor an index is there.
-    """
-    index = directory / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    single = directory / WEIGHTS_NAME
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{directory}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")

@@ -76,6 +76,11 @@ def load_or_refuse(fn: Any, section: Any, key: str, value: str, *args: Any) -> A
     except PlanError as e:  # an unsupported architecture, or a plan that does not fit the model
         raise RecipeError(f"{key}={value!r}: {e}") from None
     except (OSError, ValueError) as e:
+        from flexigpt.shared.hub import hub_message
+
+        hub = hub_message(key, value, e, "the tokenizer" if fn.__name__ == "load_tokenizer" else "the model")
+        if hub is not None:
+            raise RecipeError(hub) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise RecipeError(f"{key}={value!r} could not be loaded: {first}") from None
 

@@ -204,7 +204,10 @@ def _train(
     if model is None:
         check_model_paths(recipe.model)
     tokenizer = load_or_refuse(
-        load_tokenizer, recipe.model, "model.tokenizer", recipe.model.tokenizer or recipe.model.source
+        load_tokenizer,
+        recipe.model,
+        "model.tokenizer" if recipe.model.tokenizer else "model.source",
+        recipe.model.tokenizer or recipe.model.source,
     )
     text = resolve_text_rule(recipe.text, tokenizer)
     # the saved recipe (and every checkpoint's) records the rule as applied, not "follow the tokenizer"
