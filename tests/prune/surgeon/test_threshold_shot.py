@@ -136,3 +136,16 @@ def test_a_surgeon_shot_meets_its_target(structures: str, factors: str, tmp_path
     assert not list(tmp_path.iterdir())  # the factors on disk are gone after the shot
     for r in decoder_linears(model):
         assert res.sparsity[r.key] == pytest.approx(r.module.weight.eq(0).double().mean().item())
+
+
+def test_sampled_fisher_draws_labels_from_the_model_reproducibly() -> None:
+    model = tiny_model("llama2", num_layers=2)
+    refs = decoder_linears(model, [0])
+    samples = _samples(2)
+    emp = collect_factors(model, refs, samples)["0.o"][1]
+    s1 = collect_factors(model, refs, samples, fisher="sampled", seed=1)["0.o"][1]
+    s2 = collect_factors(model, refs, samples, fisher="sampled", seed=1)["0.o"][1]
+    s3 = collect_factors(model, refs, samples, fisher="sampled", seed=2)["0.o"][1]
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3) and not torch.equal(s1, emp)
+    with pytest.raises(ValueError, match="fisher"):
+        collect_factors(model, refs, samples, fisher="true")
