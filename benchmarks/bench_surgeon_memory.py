@@ -9,7 +9,8 @@ the model, one block's fp32 factors, and the float64 work of the largest layer. 
 factors of other blocks are never in memory together, the peak does not grow with the number of
 blocks beyond the model itself; the arithmetic for 32 blocks is printed too.
 
-Run: ``python benchmarks/bench_surgeon_memory.py`` (several minutes on one core; ``--blocks 2``).
+Run: ``python benchmarks/bench_surgeon_memory.py``. Expect tens of CPU-minutes: every 11008-wide
+factor is inverted in float64 twice per shot (for the costs and for the update).
 """
 
 from __future__ import annotations
