@@ -7,7 +7,7 @@ decoder-linear weights (5% per shot, curvature re-estimated each shot). Perplexi
 held-out standard-library files at 20% and 30%, and for the Surgeon's 30% model the shrunk
 (narrowed blocks) and the zero-masked (full-size) model are timed side by side.
 
-Run: ``python benchmarks/bench_surgeon.py`` (about a minute on two cores; ``--steps`` trains longer).
+Run: ``python benchmarks/bench_surgeon.py`` (about three minutes on one busy core; ``--steps`` trains longer).
 """
 
 from __future__ import annotations

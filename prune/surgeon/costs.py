@@ -33,8 +33,9 @@ import torch
 
 def damped(m: torch.Tensor, lam: float) -> torch.Tensor:
     """``M + λ·mean(diag M)·I`` in float64 (λ relative to the factor's own scale)."""
-    m = m.double()
-    return m + lam * m.diagonal().mean() * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    m = m.to(torch.float64, copy=True)
+    m.diagonal().add_(lam * m.diagonal().mean())  # in place: no n x n identity for an 11008-wide factor
+    return m
 
 
 def spd_inverse(m: torch.Tensor) -> torch.Tensor:
@@ -104,13 +105,18 @@ def prepare(
     if bias is not None:
         live_cols = torch.cat([live_cols, torch.ones(1, dtype=torch.bool, device=w.device)])
     rows, cols = live_rows.nonzero().flatten(), live_cols.nonzero().flatten()
-    gs = damped(g.to(w.device)[rows][:, rows], damp_g) if g is not None and len(rows) else None
-    as_ = damped(a.to(w.device)[cols][:, cols], damp_a) if a is not None and len(cols) else None
+    gs = damped(_live(g.to(w.device), rows), damp_g) if g is not None and len(rows) else None
+    as_ = damped(_live(a.to(w.device), cols), damp_a) if a is not None and len(cols) else None
     g_inv = a_inv = None
     if obs:
         g_inv = spd_inverse(gs) if gs is not None else None
         a_inv = spd_inverse(as_) if as_ is not None else None
     return LayerCurvature(w, n_in, rows, cols, gs, as_, g_inv, a_inv)
+
+
+def _live(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The rows and columns `idx` of a factor (the factor itself when all are live: no copy)."""
+    return m if len(idx) == m.shape[0] else m[idx][:, idx]
 
 
 def _diag(m: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:

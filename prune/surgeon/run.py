@@ -280,7 +280,6 @@ def run(recipe: SurgeonRecipe, log: Callable[..., None] = print) -> dict[str, An
         SurgeonError: a recipe value the run cannot use, or a rerun with other settings.
     """
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = _settings(recipe)
     if (out / "settings.json").is_file():
         old = json.loads((out / "settings.json").read_text())
@@ -292,8 +291,6 @@ def run(recipe: SurgeonRecipe, log: Callable[..., None] = print) -> dict[str, An
             )
     config = read_source_config(recipe.model.source, SurgeonError, "prune its plain source model instead")
     get_layout(config)
-    _write_json(out / "settings.json", settings)
-    recipe.save(out / "recipe.yaml")
     device = _device(recipe)
     tokenizer = load_command_tokenizer(recipe.model, SurgeonError)
     try:
@@ -308,6 +305,10 @@ def run(recipe: SurgeonRecipe, log: Callable[..., None] = print) -> dict[str, An
         "samples": samples,
         "ppl": _Perplexity(recipe, tokenizer, rule),
     }
+    # written once the recipe's inputs have all been read: a refused run leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "settings.json", settings)
+    recipe.save(out / "recipe.yaml")
     dense_path = out / "dense" / "perplexity.json"
     dense = _load(recipe, device)
     ctx["dense_params"] = stored_param_count(dense)

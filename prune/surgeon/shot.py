@@ -132,8 +132,17 @@ def _layer_factors(
     if o.curvature == "identity":
         return {r.key: (None, None) for r in refs}
     with torch.enable_grad():
+        # factors accumulate where the model runs: moving every activation to the host costs more
+        device = next(model.parameters()).device
         return collect_factors(
-            model, refs, samples, need_a=True, need_g=o.curvature == "kfac", fisher=o.fisher, seed=o.seed
+            model,
+            refs,
+            samples,
+            need_a=True,
+            need_g=o.curvature == "kfac",
+            fisher=o.fisher,
+            seed=o.seed,
+            store_device=device,
         )
 
 

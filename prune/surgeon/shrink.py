@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import BlockShape, Plan
@@ -74,9 +75,13 @@ def shrink_model(model: PreTrainedModel, notes: dict | None = None) -> tuple[Pre
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     n_rep = heads // kv_heads
     shapes: dict[int, BlockShape] = {}
+    # a zero gate pre-activation silences a unit only if act(0) = 0 (SiLU, GELU, ReLU do)
+    gate_zero_is_silent = bool(ACT2FN[config.hidden_act](torch.zeros(1)).eq(0).all())
     for b, layer in enumerate(layers):
         lin = {t: layer.get_submodule(p) for t, p in layout.linears}
-        unit_dead = _zero_rows(lin["gate"]) | _zero_rows(lin["up"]) | lin["down"].weight.eq(0).all(dim=0)
+        unit_dead = _zero_rows(lin["up"]) | lin["down"].weight.eq(0).all(dim=0)
+        if gate_zero_is_silent:
+            unit_dead |= _zero_rows(lin["gate"])
         units = _keep_at_least_one(~unit_dead).nonzero().flatten()
         o_dead = lin["o"].weight.eq(0).all(dim=0).view(heads, head_dim).all(dim=1)
         v_dead = _zero_rows(lin["v"]).view(kv_heads, head_dim).all(dim=1)
@@ -100,8 +105,3 @@ def shrink_model(model: PreTrainedModel, notes: dict | None = None) -> tuple[Pre
     plan = Plan.identity(config.model_type, len(layers))
     plan = Plan(plan.model_type, plan.num_source_layers, plan.slots, dict(notes or {}), shapes)
     return model, plan
-
-
-def stored_decoder_params(model: nn.Module) -> int:
-    """Parameters of the model, each stored tensor once (shared or tied ones included once)."""
-    return sum(p.numel() for p in model.parameters())

@@ -136,3 +136,40 @@ def test_a_surgeon_shot_meets_its_target(structures: str, factors: str, tmp_path
     assert not list(tmp_path.iterdir())  # the factors on disk are gone after the shot
     for r in decoder_linears(model):
         assert res.sparsity[r.key] == pytest.approx(r.module.weight.eq(0).double().mean().item())
+
+
+def test_sampled_fisher_draws_labels_from_the_model_reproducibly() -> None:
+    model = tiny_model("llama2", num_layers=2)
+    refs = decoder_linears(model, [0])
+    samples = _samples(2)
+    emp = collect_factors(model, refs, samples)["0.o"][1]
+    s1 = collect_factors(model, refs, samples, fisher="sampled", seed=1)["0.o"][1]
+    s2 = collect_factors(model, refs, samples, fisher="sampled", seed=1)["0.o"][1]
+    s3 = collect_factors(model, refs, samples, fisher="sampled", seed=2)["0.o"][1]
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3) and not torch.equal(s1, emp)
+    with pytest.raises(ValueError, match="fisher"):
+        collect_factors(model, refs, samples, fisher="true")
+
+
+def test_multi_shot_reaches_the_target_with_curvature_measured_on_each_shots_model(monkeypatch) -> None:
+    import flexigpt.prune.surgeon.shot as shot_mod
+
+    seen: list[torch.Tensor] = []
+    real = shot_mod.collect_factors
+
+    def spy(model, refs, samples, **kw):
+        out = real(model, refs, samples, **kw)
+        if refs[0].block == 0:
+            seen.append(out["0.down"][0].clone())  # A of block 0's down_proj: its inputs
+        return out
+
+    monkeypatch.setattr(shot_mod, "collect_factors", spy)
+    model = tiny_model("llama2", num_layers=2)
+    o = ShotOptions(blocks_per_pass=1)
+    for shot in range(1, 4):
+        res = prune_shot(model, _samples(), shot * 0.1, o, log=lambda *a, **k: None)
+        assert int(shot * 0.1 * res.total) - 200 <= res.zeroed <= int(shot * 0.1 * res.total)
+    assert len(seen) == 3
+    # the inputs of down change as gate / up rows go: each shot measured the model it pruned
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert (seen[2].diagonal() == 0).sum() > (seen[0].diagonal() == 0).sum()
