@@ -62,7 +62,10 @@ def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
 
 
 # Recipe kind -> the module whose ``main`` runs it; kind ``prune`` (depth pruning) is run here.
-METHOD_COMMANDS: dict[str, str] = {"surgeon": "flexigpt.prune.surgeon.cli"}
+METHOD_COMMANDS: dict[str, str] = {
+    "surgeon": "flexigpt.prune.surgeon.cli",
+    "compare": "flexigpt.prune.compare.cli",
+}
 
 
 def _method_kind(argv: list[str]) -> str | None:

@@ -86,11 +86,11 @@ def range_mse(layer: nn.Module, data: RangeSamples) -> float:
 
 def train_replacement(
     layer: nn.Module, data: RangeSamples, *, steps: int = 100, lr: float = 1e-4, seed: int = 0
-) -> list[float]:
+) -> tuple[list[float], int]:
     """Train `layer` (in place) to map the range's inputs to its outputs (MSE, AdamW, one sample a step).
 
     Returns:
-        The MSE over all samples before and after training.
+        The MSE over all samples before and after training, and the tokens trained on.
     """
     before = range_mse(layer, data)
     params = [p for p in layer.parameters()]
@@ -99,8 +99,10 @@ def train_replacement(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = torch.randperm(len(data.inputs), generator=torch.Generator().manual_seed(seed))
     layer.train()
+    tokens = 0
     for step in range(steps):
         k = int(order[step % len(order)])
+        tokens += data.targets[k].shape[0] * data.targets[k].shape[1]
         opt.zero_grad()
         out = layer_output(layer(data.inputs[k], **data.kwargs[k])).float()
         loss = torch.nn.functional.mse_loss(out, data.targets[k].float())
@@ -109,7 +111,7 @@ def train_replacement(
     layer.eval()
     for p in params:
         p.requires_grad_(False)
-    return [before, range_mse(layer, data)]
+    return [before, range_mse(layer, data)], tokens
 
 
 def streamline(
@@ -150,7 +152,7 @@ def streamline(
     pick = start if init == "first" else start + n
     replacement = copy.deepcopy(stack[pick])
     data = capture_range(model, samples, start, n + 1)
-    mse = train_replacement(replacement, data, steps=steps, lr=lr, seed=seed)
+    mse, tokens = train_replacement(replacement, data, steps=steps, lr=lr, seed=seed)
     blocks = list(range(start)) + [pick] + list(range(start + n + 1, num))
     layers = [stack[b] for b in range(start)] + [replacement] + [stack[b] for b in range(start + n + 1, num)]
     out = restack(model, layers, blocks)
@@ -166,6 +168,6 @@ def streamline(
             "init_block": pick,
             "mse": mse,
             "steps": steps,
-            "calibration_tokens": sum(int(x.numel()) for x in samples),
+            "trained_tokens": tokens,
         },
     )
