@@ -19,7 +19,9 @@ from flexigpt.shared.recipe import Section, register_recipe_kind
 # The registered baselines (flexigpt.prune.depth.baselines.BASELINES, a test keeps the two equal),
 # named here so that reading a recipe imports no torch.
 BASELINE_METHODS: tuple[str, ...] = ("replaceme", "replaceme_cosine", "streamline", "sleb", "reverse")
-METHODS: tuple[str, ...] = (*VARIANTS, *BASELINE_METHODS)
+# FlexiGPT without its output norm (the replacement slots' adapters only), built by a second prune run.
+NO_NORM = "flexigpt_no_norm"
+METHODS: tuple[str, ...] = (*VARIANTS, NO_NORM, *BASELINE_METHODS)
 
 
 class BaselineOptions(Section):

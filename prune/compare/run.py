@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from flexigpt.prune.compare.card import Card, measure_speed, param_counts, write_card, zeroshot_scores
-from flexigpt.prune.compare.recipe import CompareRecipe
+from flexigpt.prune.compare.recipe import NO_NORM, CompareRecipe
 from flexigpt.prune.depth.baselines import BASELINES, get_baseline
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
@@ -47,26 +47,46 @@ from flexigpt.shared.evaluate.perplexity import encode_documents, file_documents
 from flexigpt.shared.recipe import StreamSection
 
 
-def family_recipe(recipe: CompareRecipe) -> PruneRecipe:
-    """The prune recipe of the FlexiGPT family in ``output_dir/prune`` (also the calibration reader)."""
+def family_recipe(recipe: CompareRecipe, no_norm: bool = False) -> PruneRecipe:
+    """The prune recipe of the FlexiGPT family in ``output_dir/prune`` (also the calibration reader).
+
+    With `no_norm`: the run of ``flexigpt_no_norm`` in ``output_dir/prune-no-norm``, FlexiGPT with
+    ``replace.out_norm: false`` and otherwise the same options (its own importance pass gives the
+    same removed blocks and bases: the same text and settings).
+    """
     c = recipe.compare
     raw = recipe.model_dump(mode="json")
     raw.pop("compare")
     first = next(iter(c.perplexity.values()), None)
-    raw.update(kind="prune", output_dir=str(Path(recipe.output_dir) / "prune"))
+    raw.update(kind="prune", output_dir=str(family_dir(recipe, no_norm)))
+    replace = c.replace.model_dump(mode="json")
+    if no_norm:
+        replace.update(out_norm=False, gamma=0.0)
     raw["prune"] = {
-        "variants": [m for m in c.methods if m in VARIANTS] or ["shortgpt"],
+        "variants": ["flexigpt"] if no_norm else [m for m in c.methods if m in VARIANTS] or ["shortgpt"],
         "ratio": c.ratio,
         "ratio_rule": c.ratio_rule,
         "metric": c.metric,
         "calibration": c.calibration.model_dump(mode="json"),
         "selection": c.selection.model_dump(mode="json"),
-        "replace": c.replace.model_dump(mode="json"),
+        "replace": replace,
         "perplexity": first.model_dump(mode="json") if first else None,
         "shortgpt_recovery": "all" if c.recovery == "equal" else "none",
         "device": c.device,
     }
     return PruneRecipe.model_validate(raw)
+
+
+def family_dir(recipe: CompareRecipe, no_norm: bool = False) -> Path:
+    """Where the prune command's run of the FlexiGPT family (or of ``flexigpt_no_norm``) lives."""
+    return Path(recipe.output_dir) / ("prune-no-norm" if no_norm else "prune")
+
+
+def method_dir(recipe: CompareRecipe, name: str) -> Path:
+    """The directory of one method's models and runs."""
+    if name == NO_NORM:
+        return family_dir(recipe, True) / "flexigpt"
+    return family_dir(recipe) / name if name in VARIANTS else Path(recipe.output_dir) / name
 
 
 def settings(recipe: CompareRecipe, n: int) -> dict[str, Any]:
@@ -170,10 +190,10 @@ def _write_recovery(vdir: Path, res: Any, trainable: str) -> None:
 # ------------------------------------------------------------------------------------- judging
 def model_paths(recipe: CompareRecipe) -> list[tuple[str, Path, Path]]:
     """(name, model to judge, model before recovery) of every method, in the recipe's order."""
-    out, trained = Path(recipe.output_dir), recipe.compare.recovery == "equal"
+    trained = recipe.compare.recovery == "equal"
     rows = []
     for m in recipe.compare.methods:
-        vdir = out / "prune" / m if m in VARIANTS else out / m
+        vdir = method_dir(recipe, m)
         start = vdir / ("initial_plain" if m == "shortgpt" else "initial")
         rows.append((m, vdir / "final" if trained else start, start))
     return rows
@@ -313,13 +333,15 @@ def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
     n = blocks_to_remove(pr, config)
     _check_settings(out, settings(recipe, n))
     recipe.save(out / "compare_recipe.yaml")
-    family = [m for m in c.methods if m in VARIANTS]
-    if family:
-        results = prune_run(pr, prune_only=c.recovery == "none", log=log)
+    runs = [(pr, False)] if any(m in VARIANTS for m in c.methods) else []
+    if NO_NORM in c.methods:
+        runs.append((family_recipe(recipe, no_norm=True), True))
+    for family, no_norm in runs:
+        results = prune_run(family, prune_only=c.recovery == "none", log=log)
         if c.recovery == "equal":
             for v, res in results.items():
                 trainable = "all" if v == "shortgpt" else recipe.train.trainable
-                _write_recovery(out / "prune" / v, res, trainable)
+                _write_recovery(method_dir(recipe, NO_NORM if no_norm else v), res, trainable)
                 if res.interrupted_by:
                     raise PruneError(
                         f"[{v}] recovery stopped by signal {res.interrupted_by}; run again to resume"
@@ -333,7 +355,7 @@ def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
     cards = []
     for name, path, start in model_paths(recipe):
         card = judge(recipe, name, path, start, texts, tokenizer, log)
-        vdir = out / "prune" / name if name in VARIANTS else out / name
+        vdir = method_dir(recipe, name)
         card.recovery_tokens, card.recovery_trainable = _recovery(vdir)
         card.layers_removed = n
         if (vdir / "method.json").is_file():

@@ -39,7 +39,7 @@ def _task(d: Path) -> Path:
 
 def test_registered_baselines_are_the_recipe_methods() -> None:
     assert set(BASELINE_METHODS) == set(BASELINES)
-    assert len(METHODS) == len(set(METHODS)) == 8
+    assert len(METHODS) == len(set(METHODS)) == 9
 
 
 def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, capsys) -> None:
@@ -53,7 +53,7 @@ def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, ca
     assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
     card = json.loads((out / "comparison.json").read_text())
     rows = {m["name"]: m for m in card["methods"]}
-    assert list(rows) == list(METHODS)
+    assert sorted(rows) == sorted(METHODS)
     tokens = {r["recovery_tokens"] for r in rows.values()}
     assert tokens == {2 * 2 * 2 * 32}  # steps x micro x accum x seq_len: one budget for every method
     assert rows["reverse"]["recovery_trainable"] == "layers [2, 3] + head"
@@ -70,6 +70,10 @@ def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, ca
         assert r["speed"]["decode_ms_per_token"] > 0 and r["ppl"]["data.eval"] > 1
     assert rows["shortgpt"]["params"] < card["source"]["params"]
     assert rows["flexigpt"]["layers"] == 6 and rows["replaceme"]["layers"] == 4
+    # FlexiGPT without the output norm: the same slots, no norm parameters
+    assert rows["flexigpt_no_norm"]["layers"] == 6
+    assert rows["flexigpt_no_norm"]["params"] < rows["flexigpt"]["params"]
+    assert rows["flexigpt_no_norm"]["params_decoder_linear"] == rows["flexigpt"]["params_decoder_linear"]
     md = (out / "comparison.md").read_text()
     assert "toy_choice acc / acc_norm" in md and "recovery tokens equal for every method" in md
     assert "text rule:" in md and all(f"| {m} |" in md for m in METHODS)
