@@ -148,3 +148,30 @@ def test_reverse_removes_below_the_last_and_names_the_tuned_layers() -> None:
 def test_unknown_method_lists_the_registered_ones() -> None:
     with pytest.raises(BaselineError, match="replaceme"):
         get_baseline("nope")
+
+
+@pytest.mark.parametrize("arch", ["llama2", "llama3", "mistral", "qwen2"])
+def test_keep_blocks_equals_skipping_them_and_round_trips(arch: str, tmp_path: Path) -> None:
+    from flexigpt.prune.depth.baselines.sleb import _skip
+
+    model = tiny_model(arch, num_layers=5, hidden=32, heads=4)
+    ids = _samples(1, t=20)[0]
+    handles = [decoder_layers(model)[b].register_forward_hook(_skip, with_kwargs=True) for b in (1, 3)]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    short = keep_blocks(model, [1, 3])
+    assert [layer.self_attn.layer_idx for layer in decoder_layers(short)] == [0, 1, 2]
+    if getattr(model.config, "layer_types", None):
+        assert short.config.layer_types == [model.config.layer_types[b] for b in (0, 2, 4)]
+    with torch.no_grad():
+        torch.testing.assert_close(short(input_ids=ids).logits, want)
+    short.save_pretrained(tmp_path / arch)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / arch, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, want)
+    cached = back.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    plain = back.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+    assert len(decoder_layers(model)) == 5  # the source keeps its blocks
