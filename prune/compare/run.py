@@ -403,7 +403,9 @@ def _header(
         f"({'packed' if c.calibration.pack else 'one document each'}), one text for every method",
         f"- text rule: {texts.rule.summary()}",
         *[f"- perplexity `{k}`: {v}" for k, v in texts.described.items()],
-        f"- recovery: {c.recovery} ({budget}, lr {t.lr}); recovery tokens {equal}",
+        f"- recovery: {c.recovery} ({budget}, lr {t.lr}); recovery tokens {equal}"
+        if c.recovery == "equal"
+        else "- recovery: none (no model is trained after it is built; a method's own training is in the tokens column)",
         f"- zero-shot: {', '.join(c.zeroshot.tasks) if c.zeroshot else 'none'}; paper average = acc_norm where a task "
         f"has it, else acc; lm-eval {lm_eval_version}",
         f"- software: torch {torch.__version__}, transformers {transformers.__version__}; machine: "

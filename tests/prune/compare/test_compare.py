@@ -102,3 +102,20 @@ def test_unknown_method_is_refused_naming_the_allowed_ones(prune_workspace, tmp_
     err = capsys.readouterr().err
     assert "compare.methods" in err and "'sleb'" in err
     assert not out.exists()
+
+
+def test_training_free_comparison_trains_nothing(prune_workspace, tmp_path) -> None:
+    out = tmp_path / "free"
+    extra = ["compare.recovery=none", "compare.methods=[shortgpt, flexigpt_no_norm, replaceme, reverse]"]
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
+    card = json.loads((out / "comparison.json").read_text())
+    assert {m["name"]: m["recovery_tokens"] for m in card["methods"]} == {
+        "shortgpt": 0,
+        "flexigpt_no_norm": 0,
+        "replaceme": 0,
+        "reverse": 0,
+    }
+    assert not (out / "reverse" / "checkpoints").exists()
+    assert "recovery: none" in (out / "comparison.md").read_text()
+    # the judged models are the ones as built
+    assert all(m["path"].endswith(("initial", "initial_plain")) for m in card["methods"])
