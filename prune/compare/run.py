@@ -17,6 +17,7 @@ speed is measured anew (all models one after another in one process, so they are
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import platform
 import shutil
@@ -374,6 +375,28 @@ def _method_tokens(name: str, notes: dict[str, Any]) -> int:
     return int(notes.get("trained_tokens", 0)) if name == "streamline" else 0
 
 
+def source_revision(source: str) -> str:
+    """Which weights the source is: a local directory by the SHA-256 of its weight files, a hub id by
+    the commit of its cached snapshot (the number tables elsewhere rarely pin, and results depend on)."""
+    path = Path(source)
+    if path.is_dir():
+        from flexigpt.shared.engine.checkpoint import weight_files
+
+        digest = hashlib.sha256()
+        for f in weight_files(path):
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(chunk)
+        return f"local directory, weights sha256 {digest.hexdigest()[:16]}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(source, allow_patterns=["config.json"], local_files_only=True))
+        return f"hub commit {snap.name}"
+    except Exception:  # noqa: BLE001 (not cached: the id is all there is)
+        return "hub id, revision not cached"
+
+
 def _header(
     recipe: CompareRecipe, n: int, layers: int, texts: Texts, cards: list[Card], seconds: float
 ) -> list[str]:
@@ -397,8 +420,8 @@ def _header(
     lines = [
         "# Depth-pruning methods side by side",
         "",
-        f"- source: `{recipe.model.source}` ({layers} layers); every method removes {n} ({c.ratio:.0%}, rule "
-        f"{c.ratio_rule})",
+        f"- source: `{recipe.model.source}` ({layers} layers; {source_revision(recipe.model.source)}); every "
+        f"method removes {n} ({c.ratio:.0%}, rule {c.ratio_rule})",
         f"- calibration: {c.calibration.num_samples} samples of <= {c.calibration.seq_len} tokens "
         f"({'packed' if c.calibration.pack else 'one document each'}), one text for every method",
         f"- text rule: {texts.rule.summary()}",
