@@ -84,7 +84,8 @@ class GrowSection(Section):
 
     strategy: str = Field(
         "block",
-        description="block | sequential (FlexiGPT, shared slots), llama_pro | stack (dense baselines).",
+        description="block | sequential (FlexiGPT, shared slots), llama_pro | stack | solar (dense baselines), "
+        "solar_shared (SOLAR's map over shared blocks).",
     )
     start: int = Field(3, ge=0, description="First block of the repeated span (0-based).")
     end: int | None = Field(

@@ -374,3 +374,67 @@ def llama_pro(model_type: str, num_layers: int, opts: GrowOptions) -> DensePlan:
 def stack(model_type: str, num_layers: int, opts: GrowOptions) -> DensePlan:
     """Plain stacking (mergekit passthrough): dense copies as they are; everything trains."""
     return _dense("stack", "copy", "all", model_type, num_layers, opts)
+
+
+def solar_options(num_layers: int, opts: GrowOptions) -> GrowOptions:
+    """The span of SOLAR depth up-scaling: two copies of an ``n``-block model, the last ``m`` blocks of
+    the first and the first ``m`` of the second dropped, concatenated. That is blocks ``m .. n-1-m``
+    repeated once as a unit after block ``n-1-m`` (the sequential order), ``2n - 2m`` layers.
+
+    ``m`` comes from ``grow.target_layers`` (``m = (2n - target) / 2``) or else from ``grow.start``.
+
+    Raises:
+        GrowError: the values do not describe a SOLAR map; the message gives the ones that do.
+    """
+    if opts.stride != 1 or opts.repeat != 1:
+        raise GrowError(f"grow.stride={opts.stride}, grow.repeat={opts.repeat}: SOLAR takes 1 and 1")
+    if opts.target_layers is not None:
+        extra = opts.target_layers - num_layers
+        if not 0 < extra < num_layers or (num_layers - extra) % 2:
+            raise GrowError(
+                f"grow.target_layers={opts.target_layers}: SOLAR makes 2n - 2m layers from n={num_layers}, an "
+                f"even number in {num_layers + 1}..{2 * num_layers - 2} whose excess over n has n's parity"
+            )
+        m = (num_layers - extra) // 2
+    else:
+        m = opts.start
+    end = num_layers - 1 - m
+    if not 1 <= m < end + 1:
+        raise GrowError(
+            f"grow.start={m}: SOLAR's m must be 1..{(num_layers - 1) // 2} for {num_layers} blocks"
+        )
+    if opts.end is not None and (opts.start, opts.end) != (m, end):
+        raise GrowError(
+            f"grow.start={opts.start}, grow.end={opts.end}: SOLAR with m={m} repeats blocks {m}..{end}; set "
+            f"grow.start={m} grow.end={end}, or grow.end=null with grow.target_layers"
+        )
+    return GrowOptions(
+        start=m,
+        end=end,
+        adapter=opts.adapter,
+        out_norm=opts.out_norm,
+        own_norms=opts.own_norms,
+        placement="sequential",
+    )
+
+
+@register_strategy("solar", "dense")
+def solar(model_type: str, num_layers: int, opts: GrowOptions) -> DensePlan:
+    """SOLAR depth up-scaling: two dense copies joined at a seam, m blocks dropped from each side."""
+    plan = _dense("solar", "copy", "all", model_type, num_layers, solar_options(num_layers, opts))
+    plan.notes["m"] = plan.notes["start"]
+    return plan
+
+
+@register_strategy("solar_shared", "shared")
+def solar_shared(model_type: str, num_layers: int, opts: GrowOptions) -> Plan:
+    """SOLAR's map through the engine: the second copy's blocks are slots over the first's (stored once)."""
+    resolved = solar_options(num_layers, opts)
+    if resolved.out_norm is not None:
+        raise GrowError(
+            "grow.out_norm: SOLAR's copies start as exact copies, which an output norm would damp; set "
+            "grow.out_norm=null (the damped variant of this span is strategy=sequential)"
+        )
+    plan = _shared("solar_shared", "sequential", model_type, num_layers, resolved)
+    plan.notes["m"] = resolved.start
+    return plan

@@ -16,8 +16,9 @@ rank 0 prunes outside the process group's timeout while the others wait. Every k
 field (``--help-recipe`` lists them).
 
 The recipe's ``kind`` picks the method: ``prune`` (depth pruning, above), ``surgeon`` (the LLM
-Surgeon, ``prune/surgeon/cli.py``, docs/surgeon.md) or ``tailor`` (GPTailor, ``prune/tailor/cli.py``,
-docs/tailor.md); ``flexigpt-prune --help-recipe KIND`` lists a kind's fields.
+Surgeon, ``prune/surgeon/cli.py``, docs/surgeon.md), ``tailor`` (GPTailor, ``prune/tailor/cli.py``,
+docs/tailor.md) or ``compare`` (methods side by side, ``prune/compare/cli.py``,
+docs/comparison.md); ``flexigpt-prune --help-recipe KIND`` lists a kind's fields.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def _run(recipe: PruneRecipe, args: argparse.Namespace, log: Any) -> int:
 METHOD_COMMANDS: dict[str, str] = {
     "surgeon": "flexigpt.prune.surgeon.cli",
     "tailor": "flexigpt.prune.tailor.cli",
+    "compare": "flexigpt.prune.compare.cli",
 }
 
 

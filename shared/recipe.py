@@ -211,6 +211,11 @@ class TrainSection(Section):
         description="Restrict training to the parameters of these slots (model.layers indices), after the "
         "`trainable` rule; null: every slot. LLaMA-Pro trains only its inserted layers.",
     )
+    trainable_head: bool = Field(
+        False,
+        description="With trainable_layers: also train the LM head and the final norm (reverse-order pruning "
+        "recovers by tuning the last blocks and the head); with tied embeddings the head is the embedding.",
+    )
     ds_config: str = Field(
         "ds_configs/zero2.json",
         description="DeepSpeed JSON config; relative paths are tried against the working directory, then the "

@@ -156,7 +156,9 @@ def build_model(section: ModelSection, dtype: torch.dtype, *, init_adapters: boo
     return apply_plan(model, plan, init_slot_params=init_adapters)
 
 
-def make_trainable(model: PreTrainedModel, rule: str, layers: list[int] | None = None) -> int:
+def make_trainable(
+    model: PreTrainedModel, rule: str, layers: list[int] | None = None, head: bool = False
+) -> int:
     """Apply the trainable rule of the recipe, optionally restricted to some slots.
 
     Args:
@@ -164,6 +166,7 @@ def make_trainable(model: PreTrainedModel, rule: str, layers: list[int] | None =
         rule: adapters | adapters+norms | all (see ``engine.set_trainable``, which checks the count).
         layers: slot indices (``model.layers``) whose parameters may train; None: every slot.
             Parameters outside the decoder stack (embeddings, final norm, head) are frozen then.
+        head: with `layers`, the LM head and the final norm train too.
 
     Returns:
         The number of trainable parameters.
@@ -180,6 +183,9 @@ def make_trainable(model: PreTrainedModel, rule: str, layers: list[int] | None =
                 f"train.trainable_layers: {bad} out of range; the model has slots 0..{len(stack) - 1}"
             )
         keep = {id(p) for i in layers for p in stack[i].parameters()}
+        if head:
+            top = [model.get_output_embeddings(), model.get_submodule("model.norm")]
+            keep |= {id(p) for m in top for p in m.parameters()}
         for p in model.parameters():
             p.requires_grad_(p.requires_grad and id(p) in keep)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -225,7 +225,7 @@ def _train(
             "train.export: the plan has output norms, which a materialised plain model cannot hold; use 'compact'"
         )
     model.config.use_cache = False
-    n_trainable = make_trainable(model, t.trainable, t.trainable_layers)
+    n_trainable = make_trainable(model, t.trainable, t.trainable_layers, t.trainable_head)
     plan_json = model.plan.to_json()
     fpt = flops_per_token(model, seq_len)
     if t.gradient_checkpointing:

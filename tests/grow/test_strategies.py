@@ -118,8 +118,12 @@ def test_registry_lists_strategies_and_checks_signatures():
         "sequential": "shared",
         "llama_pro": "dense",
         "stack": "dense",
+        "solar": "dense",
+        "solar_shared": "shared",
     }
-    with pytest.raises(GrowError, match=r"allowed: \['block', 'llama_pro', 'sequential', 'stack'\]"):
+    with pytest.raises(
+        GrowError, match=r"allowed: \['block', 'llama_pro', 'sequential', 'solar', 'solar_shared', 'stack'\]"
+    ):
         get_strategy("blocks")
     with pytest.raises(GrowError, match="parameters must be"):
         register_strategy("bad", "shared")(lambda n, opts: None)

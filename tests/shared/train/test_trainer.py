@@ -241,3 +241,8 @@ def test_trainable_layers_restrict_the_rule(ws) -> None:
         make_trainable(model, "all", [9])
     with pytest.raises(RecipeError, match="leaves no parameter to train"):
         make_trainable(model, "adapters", [0, 1])
+    # reverse-order recovery: the last slots and the head (and final norm), nothing else of the top
+    count = make_trainable(model, "all", [5], head=True)
+    top = [model.lm_head.weight, model.model.norm.weight]
+    assert all(p.requires_grad for p in top) and not model.model.embed_tokens.weight.requires_grad
+    assert count == sum(p.numel() for p in layers[5].parameters()) + sum(p.numel() for p in top)

@@ -1,0 +1,139 @@
+"""The ``compare`` recipe: one source model, one ratio, one calibration text, one recovery budget, many methods.
+
+The FlexiGPT family (flexigpt, shortgpt, shortgpt_lora) is built by the prune command itself
+(``output_dir/prune/``, the ``selection:`` and ``replace:`` options below are its own); every other
+method is a registered baseline (``flexigpt.prune.depth.baselines``) in ``output_dir/<method>/``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from flexigpt.prune.depth.recipe import VARIANTS, CalibrationSection, ReplaceSection, SelectionSection
+from flexigpt.shared.command import CommandRecipe
+from flexigpt.shared.evaluate.cli import PerplexitySection, ZeroShotSection
+from flexigpt.shared.recipe import Section, register_recipe_kind
+
+# The registered baselines (flexigpt.prune.depth.baselines.BASELINES, a test keeps the two equal),
+# named here so that reading a recipe imports no torch.
+BASELINE_METHODS: tuple[str, ...] = ("replaceme", "replaceme_cosine", "streamline", "sleb", "reverse")
+# FlexiGPT without its output norm (the replacement slots' adapters only), built by a second prune run.
+NO_NORM = "flexigpt_no_norm"
+METHODS: tuple[str, ...] = (*VARIANTS, NO_NORM, *BASELINE_METHODS)
+
+
+class BaselineOptions(Section):
+    """Options of the baselines (each method reads the ones that concern it)."""
+
+    max_tokens: int | None = Field(
+        65536, ge=1, description="ReplaceMe: calibration tokens the linear map is fitted on at most."
+    )
+    map_steps: int = Field(
+        200, ge=0, description="ReplaceMe cosine objective: Adam steps from the least-squares map."
+    )
+    map_lr: float = Field(1e-4, gt=0, description="ReplaceMe cosine objective: learning rate.")
+    layer_steps: int = Field(
+        100,
+        ge=0,
+        description="LLM-Streamline: training steps of the replacement block (one calibration sample each).",
+    )
+    layer_lr: float = Field(1e-4, gt=0, description="LLM-Streamline: learning rate of the replacement block.")
+    init: Literal["first", "last"] = Field(
+        "first",
+        description="LLM-Streamline: the replacement starts as the first or the last block of the range.",
+    )
+    tune_layers: int = Field(
+        3,
+        ge=1,
+        description="Reverse order: the last blocks whose recovery trains, with the LM head (the paper: 3).",
+    )
+
+
+class SpeedSection(Section):
+    """Measured cost of every model and of the source, in one process, one after another."""
+
+    prompt_tokens: int = Field(128, ge=1, description="Tokens of the prefill.")
+    decode_tokens: int = Field(
+        32, ge=1, description="Tokens generated one at a time with a KV cache after it."
+    )
+    repeats: int = Field(
+        3, ge=1, description="Timed repetitions (after one warm-up); the median is reported."
+    )
+
+
+class CompareSection(Section):
+    """Which methods to compare, at which ratio, and how they are judged."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: list(METHODS),
+        description=f"Methods to build and compare, any of {list(METHODS)}.",
+    )
+    ratio: float = Field(0.3, gt=0, lt=1, description="Fraction of the blocks every method removes.")
+    ratio_rule: Literal["round", "paper_params"] = Field(
+        "round", description="round: round(ratio x L) blocks; paper_params: floor(ratio x L)."
+    )
+    metric: str = Field(
+        "block_influence", description="Block importance of the FlexiGPT family (ShortGPT's Block Influence)."
+    )
+    calibration: CalibrationSection = Field(
+        default_factory=CalibrationSection,
+        description="The one calibration text of every method (importance, ranges, maps, SLEB's perplexities).",
+    )
+    selection: SelectionSection = Field(
+        default_factory=SelectionSection, description="FlexiGPT base selection."
+    )
+    replace: ReplaceSection = Field(default_factory=ReplaceSection, description="FlexiGPT replacement slots.")
+    baselines: BaselineOptions = Field(
+        default_factory=BaselineOptions, description="Options of the baselines."
+    )
+    recovery: Literal["equal", "none"] = Field(
+        "equal",
+        description="equal: every method gets the train: budget (FlexiGPT its adapters and norms, ShortGPT+LoRA "
+        "its LoRA, reverse order its last blocks and head, the other plain models every parameter); none: "
+        "no method trains (training-free comparison; LLM-Streamline still trains its replacement block).",
+    )
+    perplexity: dict[str, PerplexitySection] = Field(
+        default_factory=dict,
+        description="Named texts the table reports perplexity on (e.g. the recipe's text, WikiText-2 test at "
+        "2048 and at 4096 tokens); empty: data.eval, disjoint windows of data.seq_len.",
+    )
+    zeroshot: ZeroShotSection | None = Field(
+        None, description="lm-eval tasks (acc and acc_norm both printed); null: none."
+    )
+    speed: SpeedSection | None = Field(
+        default_factory=SpeedSection,
+        description="Prefill / decode time per token and peak memory; null: skip.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where models are built and evaluated."
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in METHODS]
+        if not v or bad or len(set(v)) != len(v):
+            raise ValueError(f"methods={v}: name distinct methods of {list(METHODS)}")
+        return v
+
+
+class CompareRecipe(CommandRecipe):
+    """Compare depth-pruning methods (``compare:``) with one recovery budget (``train:``, ``data:``)."""
+
+    command_section: ClassVar[str] = "compare"
+    plan_made: ClassVar[str] = "every method's model"
+    kind: Literal["compare"] = Field("compare", description="Recipe kind.")
+    compare: CompareSection = Field(default_factory=CompareSection, description="The comparison.")
+
+    @model_validator(mode="after")
+    def _check_compare(self) -> CompareRecipe:
+        if not self.compare.perplexity and self.data.eval is None:
+            raise ValueError(
+                "compare.perplexity is empty and data.eval is null: name at least one text to judge on"
+            )
+        return self
+
+
+register_recipe_kind("compare", CompareRecipe)

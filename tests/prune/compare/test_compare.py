@@ -1,0 +1,122 @@
+"""The compare command end to end on recipes/prune/compare-local-tiny.yaml: every method built from one
+source, one recovery budget, the table / JSON / figure, zero-shot with acc and acc_norm, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from flexigpt.prune.cli import main
+from flexigpt.prune.compare.card import param_counts
+from flexigpt.prune.compare.recipe import BASELINE_METHODS, METHODS
+from flexigpt.prune.depth.baselines import BASELINES
+from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.evaluate.zeroshot import write_choice_task
+
+from ..conftest import prune_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+RECIPE = str(REPO_ROOT / "recipes" / "prune" / "compare-local-tiny.yaml")
+
+
+def _task(d: Path) -> Path:
+    rng = random.Random(0)
+    nouns = ["cat", "dog", "bird", "fish", "tree", "river"]
+    docs = [
+        {
+            "query": f"the {rng.choice(nouns)} sat on the",
+            "choices": ["tree .", "ran and", "stone ."],
+            "label": 0,
+        }
+        for _ in range(6)
+    ]
+    write_choice_task(d, "toy_choice", docs)
+    return d
+
+
+def test_registered_baselines_are_the_recipe_methods() -> None:
+    assert set(BASELINE_METHODS) == set(BASELINES)
+    assert len(METHODS) == len(set(METHODS)) == 9
+
+
+def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    tasks = _task(tmp_path / "tasks")
+    extra = [
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        f"compare.zeroshot={{tasks: [toy_choice], include_path: [{tasks}], include_defaults: false, batch_size: 4}}",
+    ]
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
+    card = json.loads((out / "comparison.json").read_text())
+    rows = {m["name"]: m for m in card["methods"]}
+    assert sorted(rows) == sorted(METHODS)
+    tokens = {r["recovery_tokens"] for r in rows.values()}
+    assert tokens == {2 * 2 * 2 * 32}  # steps x micro x accum x seq_len: one budget for every method
+    assert rows["reverse"]["recovery_trainable"] == "layers [2, 3] + head"
+    assert rows["streamline"]["method_tokens"] > 0
+    # sizes three ways, recounted from the saved models
+    for name, r in rows.items():
+        model = load_model(r["path"])
+        assert (r["params"], r["params_non_embedding"], r["params_decoder_linear"]) == param_counts(model), (
+            name
+        )
+        assert r["layers_removed"] == 2
+        assert set(r["zeroshot"]["toy_choice"]) == {"acc", "acc_norm", "paper"}
+        assert r["zeroshot_avg"] == r["zeroshot"]["toy_choice"]["acc_norm"]
+        assert r["speed"]["decode_ms_per_token"] > 0 and r["ppl"]["data.eval"] > 1
+    assert rows["shortgpt"]["params"] < card["source"]["params"]
+    assert rows["flexigpt"]["layers"] == 6 and rows["replaceme"]["layers"] == 4
+    # FlexiGPT without the output norm: the same slots, no norm parameters
+    assert rows["flexigpt_no_norm"]["layers"] == 6
+    assert rows["flexigpt_no_norm"]["params"] < rows["flexigpt"]["params"]
+    assert rows["flexigpt_no_norm"]["params_decoder_linear"] == rows["flexigpt"]["params_decoder_linear"]
+    md = (out / "comparison.md").read_text()
+    assert "toy_choice acc / acc_norm" in md and "recovery tokens equal for every method" in md
+    assert "text rule:" in md and all(f"| {m} |" in md for m in METHODS)
+    assert (out / "comparison.png").stat().st_size > 10_000
+    # every baseline is a plain model that plain transformers loads
+    for m in BASELINE_METHODS:
+        plain = AutoModelForCausalLM.from_pretrained(out / m / "initial")
+        assert plain.config.num_hidden_layers == 4
+    # a rerun reuses the models, the recovery runs and the measurements
+    stamps = {m: (out / m / "method.json").stat().st_mtime_ns for m in BASELINE_METHODS}
+    capsys.readouterr()
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
+    assert stamps == {m: (out / m / "method.json").stat().st_mtime_ns for m in BASELINE_METHODS}
+    again = json.loads((out / "comparison.json").read_text())
+    assert [m["ppl"] for m in again["methods"]] == [m["ppl"] for m in card["methods"]]
+    # another ratio in the same directory is refused, naming the key, with nothing written
+    capsys.readouterr()
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra, "compare.ratio=0.5")]) == 2
+    err = capsys.readouterr().err
+    assert "compare.ratio" in err and "Traceback" not in err
+
+
+def test_unknown_method_is_refused_naming_the_allowed_ones(prune_workspace, tmp_path, capsys) -> None:
+    out = tmp_path / "bad"
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, "compare.methods=[replaceme, slep]")]) == 2
+    err = capsys.readouterr().err
+    assert "compare.methods" in err and "'sleb'" in err
+    assert not out.exists()
+
+
+def test_training_free_comparison_trains_nothing(prune_workspace, tmp_path) -> None:
+    out = tmp_path / "free"
+    extra = ["compare.recovery=none", "compare.methods=[shortgpt, flexigpt_no_norm, replaceme, reverse]"]
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
+    card = json.loads((out / "comparison.json").read_text())
+    assert {m["name"]: m["recovery_tokens"] for m in card["methods"]} == {
+        "shortgpt": 0,
+        "flexigpt_no_norm": 0,
+        "replaceme": 0,
+        "reverse": 0,
+    }
+    assert not (out / "reverse" / "checkpoints").exists()
+    md = (out / "comparison.md").read_text()
+    assert "recovery: none" in md and "weights sha256" in md  # the source is pinned by its weights
+    # the judged models are the ones as built
+    assert all(m["path"].endswith(("initial", "initial_plain")) for m in card["methods"])
