@@ -392,7 +392,7 @@ class BaseRecipe(Section):
     def to_yaml(self) -> str:
         """The fully resolved recipe (defaults filled in) as YAML; a default learning rate says so."""
         text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-        if self.train.lr_is_default:
+        if self.train is not None and self.train.lr_is_default:
             line = f"  lr: {yaml.safe_dump(self.train.lr).splitlines()[0]}\n"
             note = f"  # default for train.trainable={self.train.trainable}\n"
             text = text.replace(line, line[:-1] + note, 1)

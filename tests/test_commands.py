@@ -35,7 +35,8 @@ def test_flags_parse_anywhere_among_the_overrides():
     assert (args.resume, args.allow_plan_change, args.overrides) == ("never", True, ["a=1", "b=2"])
 
 
-def test_commands_accept_a_flag_before_the_overrides(tmp_path, capsys):
+def test_commands_accept_a_flag_before_the_overrides(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the thread note then names the user's setting
     ws = write_workspace(tmp_path / "ws", num_layers=4)
     out = tmp_path / "run"
     # grow: the flag first, then the overrides; the plan is printed and nothing is written

@@ -25,13 +25,13 @@ def test_two_ranks_prune_past_a_short_process_group_timeout(prune_workspace, tmp
     from flexigpt.shared.train.state import list_checkpoints
 
     # more calibration text makes the pruning step itself take several times the timeout
-    corpus = write_corpus(tmp_path / "corpus", n_docs=3000)
+    corpus = write_corpus(tmp_path / "corpus", n_docs=9000)
     out = tmp_path / "run"
     overrides = prune_overrides(
         prune_workspace,
         out,
         f"data.files=[{corpus}/*.jsonl]",
-        "prune.calibration.num_samples=512",
+        "prune.calibration.num_samples=1536",
         "prune.calibration.seq_len=128",
         f"train.dist_timeout_s={TIMEOUT_S}",
     )
@@ -46,7 +46,7 @@ def test_two_ranks_prune_past_a_short_process_group_timeout(prune_workspace, tmp
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_s"] > 2 * TIMEOUT_S, summary["wall_s"]  # a barrier would have timed out
-    assert summary["importance"]["samples"] == 512
+    assert summary["importance"]["samples"] == 1536
     for v in ("flexigpt", "shortgpt_lora"):  # both ranks trained each variant, rank 0 exported it
         ckpt = list_checkpoints(out / v / "checkpoints")[0]
         assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2

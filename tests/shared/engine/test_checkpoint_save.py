@@ -113,7 +113,7 @@ def test_save_pretrained_shards_like_transformers(tmp_path):
     model.save_pretrained(d)
     assert sorted(p.name for p in d.glob("*.safetensors")) == [WEIGHTS_NAME] and not (d / INDEX_NAME).exists()
     (d / WEIGHTS_NAME).unlink()
-    with pytest.raises(CheckpointError, match=f"no {WEIGHTS_NAME} and no {INDEX_NAME}"):
+    with pytest.raises(CheckpointError, match=f"neither {WEIGHTS_NAME} nor {INDEX_NAME}"):
         load_compact(d)
 
 
