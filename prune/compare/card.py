@@ -187,8 +187,15 @@ def plot_card(cards: list[Card], source: Card, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    if text:
-        axes[0][0].set_yscale("log")
+    ys = [y for c in [source, *cards] if text and (y := c.ppl.get(text)) is not None]
+    if ys and max(ys) / min(ys) > 4:  # a log axis only where the values span a wide range
+        from matplotlib.ticker import FuncFormatter
+
+        ax = axes[0][0]
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # plain numbers on the minor ticks too
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     fig.suptitle("methods at one ratio and one recovery budget")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
