@@ -14,6 +14,10 @@ Importing this module loads no torch.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -57,3 +61,32 @@ def apply_user_mode(root: str | Path) -> None:
         if p.is_symlink():
             continue
         os.chmod(p, dir_mode if p.is_dir() else file_mode)
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Write a directory in a temporary sibling, then swap it in for `target` in one rename.
+
+    A reader never sees a half-written `target`: inside the block the caller fills the yielded
+    directory; on success the old `target` (if any) is set aside, the new one renamed into place,
+    and the old one deleted. On an error the temporary directory is removed and `target` is left
+    as it was. The result gets the user's normal modes (``mkdtemp`` makes 0700).
+
+    Yields:
+        The temporary directory to write into.
+    """
+    out = Path(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        apply_user_mode(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

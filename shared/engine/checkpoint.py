@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +57,7 @@ from flexigpt.shared.engine.load_options import LoadOptionError
 from flexigpt.shared.engine.parts import BLOCK, OWN_NORM, skeleton, slot_param_roles, top_params
 from flexigpt.shared.engine.plan import Plan, PlanError
 from flexigpt.shared.engine.tokenizer_files import save_tokenizer
+from flexigpt.shared.files import atomic_dir
 
 # Whoever imports this module can load compact checkpoints through the Auto classes at once, hook or not.
 register_auto_classes()
@@ -171,9 +170,7 @@ def save_compact(
         The directory written.
     """
     out = Path(save_directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         plan: Plan = model.plan
         _write_weights(compact_state(model, state_dict), tmp, max_shard_size)
         cfg = FlexiGPTConfig(base_config=model.source_config.to_dict(), plan=plan.to_dict())
@@ -186,9 +183,6 @@ def save_compact(
         model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -247,19 +241,6 @@ def save_pretrained_compact(
     return save_compact(
         model, save_directory, tokenizer, state_dict=state_dict, max_shard_size=max_shard_size
     )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    from flexigpt.shared.files import apply_user_mode
-
-    apply_user_mode(new)  # mkdtemp made it 0700: the result gets the modes a plain mkdir would give
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,15 +384,10 @@ def export_materialized(
     check_plain_exportable(model.plan)
     plain = materialize(model)
     out = Path(save_directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from flexigpt.shared.engine.apply import SOURCE_CLASSES, _layers, _set_param, ca
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import Plan, PlanError
 from flexigpt.shared.engine.tokenizer_files import save_tokenizer
+from flexigpt.shared.files import atomic_dir
 
 BASE_DIR = "base"
 ADAPTER_DIR = "adapter"
@@ -134,9 +133,7 @@ def export_peft(
     check_peft_exportable(model.plan)
     lora_config = peft_config(model)
     out = Path(save_directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         base = peft_base(model)
         base.save_pretrained(tmp / BASE_DIR)
         if tokenizer is not None:
@@ -165,11 +162,6 @@ def export_peft(
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / ADAPTER_DIR)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out / BASE_DIR, out / ADAPTER_DIR
 
 
