@@ -292,3 +292,23 @@ def handoff_train_recipe(
         raw["train"]["lr"] = None  # the default follows the trainable set, which `train` may change
     raw["train"].update(train or {})
     return TrainRecipe.model_validate(raw)
+
+
+def pick_device(want: str, key: str, error: type[Exception]) -> Any:
+    """The torch device a recipe's ``device`` key asks for (``auto``: cuda when available).
+
+    Args:
+        want: ``auto``, ``cpu`` or ``cuda``.
+        key: the recipe key, named in the error.
+        error: the command's error class.
+
+    Raises:
+        error: cuda asked for on a machine without a GPU.
+    """
+    import torch
+
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise error(f"{key}='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(want)

@@ -27,6 +27,7 @@ from flexigpt.prune.depth.selection import (
     source_from_model,
     source_from_safetensors,
 )
+from flexigpt.shared.command import pick_device
 from flexigpt.shared.engine.checkpoint import load_model
 from flexigpt.shared.evaluate.perplexity import (
     PerplexityResult,
@@ -52,12 +53,7 @@ def resolve_device(recipe: PruneRecipe) -> torch.device:
     Raises:
         PruneError: cuda asked for on a machine without a GPU.
     """
-    want = recipe.prune.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise PruneError("prune.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(want)
+    return pick_device(recipe.prune.device, "prune.device", PruneError)
 
 
 def resolve_dtype(recipe: PruneRecipe, device: torch.device) -> torch.dtype:

@@ -37,7 +37,7 @@ from flexigpt.prune.surgeon.plots import plot_sparsity
 from flexigpt.prune.surgeon.recipe import SurgeonError, SurgeonRecipe
 from flexigpt.prune.surgeon.shot import ShotOptions, prune_shot
 from flexigpt.prune.surgeon.shrink import shrink_model
-from flexigpt.shared.command import load_command_tokenizer, read_source_config
+from flexigpt.shared.command import load_command_tokenizer, pick_device, read_source_config
 from flexigpt.shared.engine.apply import apply_plan, stored_param_count
 from flexigpt.shared.engine.checkpoint import export_materialized, load_model, save_compact
 from flexigpt.shared.engine.layout import get_layout
@@ -65,12 +65,7 @@ def _settings(recipe: SurgeonRecipe) -> dict[str, Any]:
 
 
 def _device(recipe: SurgeonRecipe) -> torch.device:
-    want = recipe.surgeon.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise SurgeonError("surgeon.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(want)
+    return pick_device(recipe.surgeon.device, "surgeon.device", SurgeonError)
 
 
 def _calibration(
