@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         "flexigpt-prune",
         "prune",
         f"Prune a model by block importance, build the variants {', '.join(VARIANTS)}, then train their "
-        "recovery. See docs/pruning.md.",
+        "recovery (docs/pruning.md). The recipe's kind picks the method: prune (this one), surgeon (the LLM "
+        "Surgeon, docs/surgeon.md), tailor (GPTailor, docs/tailor.md) or compare (methods side by side, "
+        "docs/comparison.md); 'flexigpt-prune --help-recipe KIND' lists a kind's fields.",
     )
     p.add_argument(
         "--prune-only",
