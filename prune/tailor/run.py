@@ -100,6 +100,21 @@ def removal_orders(
     return {h: removal_order(h, L, scores) for h in ws.heuristics}
 
 
+def _objective(recipe: TailorRecipe, model: Any, tok: Any) -> Any:
+    """The recipe's objective tasks over `model` (the stitched candidate or the full base)."""
+    from flexigpt.prune.tailor.objective import TaskObjective
+
+    o = recipe.tailor.objective
+    return TaskObjective(
+        model,
+        tok,
+        o.tasks,
+        include_path=o.include_path,
+        include_defaults=o.include_defaults,
+        batch_size=o.batch_size,
+    )
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -125,7 +140,6 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
     """
     from flexigpt.prune.depth.importance import n_blocks_to_remove
     from flexigpt.prune.tailor.build import Stitcher
-    from flexigpt.prune.tailor.objective import TaskObjective
     from flexigpt.prune.tailor.report import plot_layer_map, plot_search, trial_rows, write_trials
     from flexigpt.prune.tailor.sources import MergeOptions, SourceSet
     from flexigpt.prune.tailor.space import SearchSpace, removal_plan, warm_starts
@@ -194,14 +208,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
     stitcher = Stitcher(
         sources, L - n_remove, device=device, attn_implementation=recipe.model.attn_implementation
     )
-    score = TaskObjective(
-        stitcher.model,
-        tok,
-        t.objective.tasks,
-        include_path=t.objective.include_path,
-        include_defaults=t.objective.include_defaults,
-        batch_size=t.objective.batch_size,
-    )
+    score = _objective(recipe, stitcher.model, tok)
     n_recovered = recover(study)
     if n_recovered:
         log(f"{n_recovered} trial(s) cut off by an earlier stop will run again", flush=True)
@@ -259,14 +266,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
     del score, stitcher
     full = Stitcher(sources, L, device=device, attn_implementation=recipe.model.attn_implementation)
     full.build(identity_plan(L))
-    base_score = TaskObjective(
-        full.model,
-        tok,
-        t.objective.tasks,
-        include_path=t.objective.include_path,
-        include_defaults=t.objective.include_defaults,
-        batch_size=t.objective.batch_size,
-    )
+    base_score = _objective(recipe, full.model, tok)
     results["base"] = {"plan": identity_plan(L).to_dict(), "scores": base_score(final_limit)}
     rows = trial_rows(study)
     write_trials(rows, out / "trials.jsonl")
