@@ -104,23 +104,18 @@ class _Perplexity:
         try:
             if pc is not None:
                 docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
-                self.tokens = encode_documents(
-                    docs,
-                    tokenizer,
-                    max_tokens=pc.max_tokens,
-                    add_bos=rule.bos,
-                    eos_between_docs=rule.eos_between_docs,
-                )
+                n = pc.max_tokens
                 self.context, self.stride, self.batch = pc.context_len, pc.stride, pc.batch_size
             else:
                 assert data.eval is not None  # the recipe asks for one of the two
                 n = data.eval.batches * data.seq_len
-                stream = StreamSection(**{k: getattr(data.eval, k) for k in StreamSection.model_fields})
-                docs = stream_documents(stream)
-                self.tokens = encode_documents(
-                    docs, tokenizer, max_tokens=n, add_bos=rule.bos, eos_between_docs=rule.eos_between_docs
+                docs = stream_documents(
+                    StreamSection(**{k: getattr(data.eval, k) for k in StreamSection.model_fields})
                 )
                 self.context, self.stride, self.batch = data.seq_len, None, 1
+            self.tokens = encode_documents(
+                docs, tokenizer, max_tokens=n, add_bos=rule.bos, eos_between_docs=rule.eos_between_docs
+            )
         except (DataError, FileNotFoundError, ValueError) as e:
             key = "surgeon.perplexity" if pc is not None else "data.eval"
             raise SurgeonError(f"{key}: {e}") from e
