@@ -513,17 +513,41 @@ def _section_class(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _map_values(annotation: Any) -> tuple[bool, type[BaseModel] | None]:
+    """(whether `annotation` is a name -> value map such as ``dict[str, X]``, the section class of X)."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(a) is dict:
+            args = typing.get_args(a)
+            return True, _section_class(args[1]) if len(args) == 2 else None
+    return False, None
+
+
 def _check_path(cls: type[BaseModel], keys: list[str]) -> None:
-    """Raise RecipeError if the dotted path does not exist in the schema."""
+    """Raise RecipeError if the dotted path does not exist in the schema.
+
+    A key of a map (``tailor.variants.math``, ``compare.perplexity.wiki.context_len``) is any name
+    the user chooses; past it, the map's value schema is checked again.
+    """
     model: type[BaseModel] | None = cls
-    for i, k in enumerate(keys):
-        dotted = ".".join(keys[: i + 1])
+    i = 0
+    while i < len(keys):
+        k, dotted = keys[i], ".".join(keys[: i + 1])
         if model is None:
             raise RecipeError(f"override key {'.'.join(keys)!r}: {'.'.join(keys[:i])!r} has no sub-keys")
         fields = model.model_fields
         if k not in fields:
             raise RecipeError(_unknown_key_message(dotted, k, list(fields)))
-        model = _section_class(fields[k].annotation)
+        is_map, values = _map_values(fields[k].annotation)
+        if is_map and i + 1 < len(keys):
+            i += 1  # keys[i] names an entry of the map
+            if values is None and i + 1 < len(keys):
+                raise RecipeError(
+                    f"override key {'.'.join(keys)!r}: {'.'.join(keys[: i + 1])!r} is a single value, no sub-keys"
+                )
+            model = values
+        else:
+            model = _section_class(fields[k].annotation)
+        i += 1
 
 
 def _unknown_key_message(dotted: str, key: str, allowed: list[str]) -> str:

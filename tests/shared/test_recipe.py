@@ -160,3 +160,37 @@ def test_learning_rate_default_follows_the_trainable_set(recipe_file: Path) -> N
         assert yaml.safe_load(r.to_yaml())["train"]["lr"] == want
     r = load_recipe(recipe_file, ["train.trainable=all", "train.lr=4e-3"])
     assert (r.train.lr, r.train.lr_is_default) == (4e-3, False) and "# default" not in r.to_yaml()
+
+
+class _Entry(Section):
+    context_len: int = Field(8, ge=2, description="A field of a map's value.")
+
+
+class _MapSection(Section):
+    names: dict[str, str] = Field(default_factory=dict, description="A name -> text map.")
+    entries: dict[str, _Entry] = Field(default_factory=dict, description="A name -> section map.")
+
+
+class _MapRecipe(BaseRecipe):
+    kind: Literal["maps_test"] = Field("maps_test", description="Recipe kind.")
+    maps: _MapSection = Field(default_factory=_MapSection, description="Maps.")
+
+
+def test_overrides_reach_the_entries_of_a_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(RECIPE_KINDS, "maps_test", _MapRecipe)
+    raw = {
+        **BASE,
+        "kind": "maps_test",
+        "maps": {"names": {"a": "x"}, "entries": {"wiki": {"context_len": 16}}},
+    }
+    r = recipe_from_dict(raw, ["maps.names.b=y", "maps.entries.wiki.context_len=32", "maps.entries.new={}"])
+    assert r.maps.names == {"a": "x", "b": "y"}
+    assert r.maps.entries["wiki"].context_len == 32 and r.maps.entries["new"].context_len == 8
+    with pytest.raises(
+        RecipeError, match=r"unknown key 'maps.entries.wiki.context'; did you mean 'context_len'"
+    ):
+        recipe_from_dict(raw, ["maps.entries.wiki.context=4"])
+    with pytest.raises(RecipeError, match=r"'maps.names.a' is a single value, no sub-keys"):
+        recipe_from_dict(raw, ["maps.names.a.b=1"])
+    with pytest.raises(RecipeError, match=r"maps.entries.wiki.context_len"):
+        recipe_from_dict(raw, ["maps.entries.wiki.context_len=1"])
