@@ -290,10 +290,12 @@ class TrainSection(Section):
         "false: plain gloo.",
     )
     dist_timeout_s: float | None = Field(
-        None,
+        1800.0,
         gt=0,
         description="Timeout of every collective of the process group, in seconds; null: DeepSpeed's "
-        "default (10 minutes). Rank 0's pruning, growing and final export are not collectives.",
+        "default (10 minutes). Checkpoint writes wait for the slowest rank under it (a 7B model's "
+        "optimizer state on a slow disk can take longer than 10 minutes). Rank 0's pruning, growing and "
+        "final export are not collectives.",
     )
     rank0_wait_s: float = Field(
         86400.0,
