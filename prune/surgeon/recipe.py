@@ -83,7 +83,15 @@ class SurgeonSection(Section):
     update: Literal["correlated", "independent"] = Field(
         "correlated",
         description="surgeon's weight update: all removed rows (columns) of a layer solved jointly, or each on "
-        "its own (the paper's ablation). Single weights (element, 2:4) are always updated independently.",
+        "its own (the paper's ablation). Single weights (element, 2:4): correlated solves them jointly in "
+        "groups of at most max_correlate; independent sums each weight's own update.",
+    )
+    max_correlate: int = Field(
+        2000,
+        ge=1,
+        description="element and 2:4 with update: correlated: at most this many removed weights of a layer "
+        "are solved jointly (whole rows together while they fit, longer rows in chunks); the released code "
+        "uses 2000. Each group costs a solve of its size and an out x rows x in product.",
     )
     obd: bool = Field(
         False,

@@ -228,6 +228,7 @@ def _run_method(
         damp_a=s.damp_a,
         fisher=s.fisher,
         update=s.update,
+        max_correlate=s.max_correlate,
         obd=s.obd if method == "surgeon" else None,
         blocks_per_pass=s.blocks_per_pass,
         factors=s.factors,
