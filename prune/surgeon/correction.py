@@ -65,6 +65,14 @@ class _Adapters:
         self.refs = [r for r in decoder_linears(model) if o.targets is None or r.target in o.targets]
         self.layers: list[SharedLoraLinear] = []
         self.dead: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            self._wrap(model, o, seed)
+        except BaseException:
+            self.restore(model)
+            raise
+        self.mask()
+
+    def _wrap(self, model: PreTrainedModel, o: LoraOptions, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         for r in self.refs:
             layer = make_lora(r.module, o.rank, o.alpha)
@@ -78,7 +86,6 @@ class _Adapters:
             parent, name = _parent(model, r)
             setattr(parent, name, layer)
             self.layers.append(layer)
-        self.mask()
 
     def params(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in lora_factors(layer)[:2]]
@@ -152,8 +159,9 @@ def correct(
     epochs = o.epochs if shot is not None else o.final_epochs
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
-    adapters = _Adapters(model, o, o.seed * 100_003 + (shot if shot is not None else 0))
+    adapters = None
     try:
+        adapters = _Adapters(model, o, o.seed * 100_003 + (shot if shot is not None else 0))
         params = adapters.params()
         for p in params:
             p.requires_grad_(True)
@@ -169,7 +177,7 @@ def correct(
                 opt.zero_grad(set_to_none=True)
                 for i in chunk:  # windows may differ in length: one at a time, gradients summed
                     x = samples[i].to(device)
-                    loss = model(input_ids=x, labels=x).loss.float()
+                    loss = model(input_ids=x, labels=x, use_cache=False).loss.float()
                     if not math.isfinite(loss.item()):
                         raise CorrectionError(
                             f"surgeon.lora: the correction's loss is not finite ({loss.item()}); lower surgeon.lora.lr"
@@ -182,7 +190,8 @@ def correct(
             losses.append(total / len(idx))
         moved = adapters.absorb()
     finally:
-        adapters.restore(model)
+        if adapters is not None:
+            adapters.restore(model)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     seconds = time.perf_counter() - start
