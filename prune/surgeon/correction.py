@@ -107,11 +107,13 @@ class _Adapters:
             w = r.module.weight
             delta = (b.float() @ a.float()) * scale
             delta = delta.masked_fill_(w.eq(0), 0.0)
-            w.add_(delta.to(w.dtype))
-            if not torch.isfinite(w).all():
+            new = w + delta.to(w.dtype)
+            if not torch.isfinite(new).all():
                 raise CorrectionError(
-                    f"surgeon.lora: decoder linear {r.key} is not finite after the correction; lower surgeon.lora.lr"
+                    f"surgeon.lora: decoder linear {r.key} would not be finite after the correction; lower "
+                    "surgeon.lora.lr"
                 )
+            w.copy_(new)
             moved += int(delta.ne(0).sum())
         return moved
 
