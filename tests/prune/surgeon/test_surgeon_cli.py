@@ -86,6 +86,18 @@ def test_a_rerun_resumes_after_the_last_finished_shot(prune_workspace, tmp_path,
     ]
 
 
+def test_a_diverging_correction_stops_the_run_before_its_shot_is_saved(
+    prune_workspace, tmp_path, capsys
+) -> None:
+    out = tmp_path / "diverged"
+    extra = ("surgeon.methods=[surgeon]", "surgeon.lora.enabled=true", "surgeon.lora.lr=1e30")
+    assert _surgeon(prune_workspace, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert "shot 1" in err and "surgeon.lora.lr" in err and "Traceback" not in err
+    assert not (out / "surgeon" / "state.json").exists()  # the shot is not finished: a rerun redoes it
+    assert not list((out / "surgeon").glob("weights-*"))
+
+
 def test_bad_surgeon_values_fail_naming_the_key(prune_workspace, tmp_path, capsys) -> None:
     out = tmp_path / "bad"
     assert _surgeon(prune_workspace, out, "surgeon.save_sizes=[0.85]") == 2
