@@ -11,7 +11,8 @@ the layer:
 - element:   ½·W_ij² / ([G⁻¹]_ii [A⁻¹]_jj)    (OBD: ½·W_ij² · G_ii A_jj)
 
 and the compensating update for a removed row set R is ``ΔW = −G⁻¹ E_Rᵀ ([G⁻¹]_RR)⁻¹ W_R`` (the
-rows of R end exactly at zero); columns mirror it with A. Magnitude pruning is OBD with identity
+rows of R end exactly at zero); columns mirror it with A. A set Q of single weights is the same
+constrained problem with ``[F⁻¹]_QQ = [G⁻¹]_{ii'}·[A⁻¹]_{jj'}`` in place of ``[G⁻¹]_RR``. Magnitude pruning is OBD with identity
 factors, L-OBD is OBD with A only (G = I).
 
 A layer with a bias is handled as ``[W | b]`` against an input with a constant-1 feature appended
@@ -222,12 +223,54 @@ def remove_cols(c: LayerCurvature, cols: torch.Tensor, *, update: str) -> None:
     c.w[:, cols] = 0.0
 
 
-def remove_elements(c: LayerCurvature, mask: torch.Tensor, *, update: str) -> None:
+def element_groups(rows: torch.Tensor, bound: int) -> list[torch.Tensor]:
+    """Split removed weights (their row indices, sorted) into groups of at most `bound` weights.
+
+    Whole rows go together while they fit; a row with more than `bound` removed weights is split
+    into chunks of `bound`. Returns index tensors into `rows`.
+    """
+    _, counts = torch.unique_consecutive(rows, return_counts=True)
+    groups, start, size = [], 0, 0
+    for n in counts.tolist():
+        if size and size + n > bound:
+            groups.append(torch.arange(start, start + size, device=rows.device))
+            start, size = start + size, 0
+        while n > bound:
+            groups.append(torch.arange(start, start + bound, device=rows.device))
+            start, n = start + bound, n - bound
+        size += n
+    if size:
+        groups.append(torch.arange(start, start + size, device=rows.device))
+    return groups
+
+
+def _joint_elements(w: torch.Tensor, gi: torch.Tensor, ai: torch.Tensor, m: torch.Tensor, bound: int) -> None:
+    """The OBS update of removed weights solved jointly, group by group, on the live block `w` in place.
+
+    For a group Q of weights (i_k, j_k): ``[F⁻¹]_QQ = [G⁻¹]_{i i'} · [A⁻¹]_{j j'}`` (elementwise),
+    ``coef = ([F⁻¹]_QQ)⁻¹ w_Q`` and ``ΔW = −G⁻¹ M A⁻¹`` with M holding `coef` at Q. Each group is
+    solved on the weights as the earlier groups left them.
+    """
+    pos = m.nonzero()  # row-major: sorted by row
+    for idx in element_groups(pos[:, 0], bound):
+        r, col = pos[idx, 0], pos[idx, 1]
+        coef = torch.linalg.solve(gi[r][:, r] * ai[col][:, col], w[r, col])
+        urows, inv = torch.unique_consecutive(r, return_inverse=True)
+        rows_m = torch.zeros(len(urows), w.shape[1], dtype=w.dtype, device=w.device)
+        rows_m.index_add_(0, inv, coef[:, None] * ai[col])  # the rows `urows` of M A⁻¹
+        w -= gi[:, urows] @ rows_m
+
+
+def remove_elements(c: LayerCurvature, mask: torch.Tensor, *, update: str, max_correlate: int = 2000) -> None:
     """Zero the weights where `mask` (out, in) is True, in place.
 
-    ``update='independent'`` (or ``correlated``, which for single weights is computed as the sum
-    of each weight's own compensation) adds ``ΔW = −G⁻¹ S A⁻¹`` with ``S_ij = W_ij / ([G⁻¹]_ii
-    [A⁻¹]_jj)`` on the removed weights: each removed weight's optimal update, summed.
+    ``update='correlated'`` solves the removed weights jointly (the multi-weight OBS update under
+    K-FAC) in groups of at most `max_correlate` weights: whole rows together while they fit, a row
+    with more removed weights split into chunks. Within a group every removed weight ends at zero
+    and the rest of the layer compensates. ``max_correlate=1`` solves each weight on its own, in
+    sequence. ``update='independent'`` adds ``ΔW = −G⁻¹ S A⁻¹`` with ``S_ij = W_ij / ([G⁻¹]_ii
+    [A⁻¹]_jj)`` on the removed weights: each removed weight's own optimal update, summed, all
+    computed on the weights before the shot (the ablation).
     """
     if update != "none" and mask.any() and len(c.rows) and len(c.cols):
         full = torch.zeros_like(c.w, dtype=torch.bool)
@@ -236,9 +279,13 @@ def remove_elements(c: LayerCurvature, mask: torch.Tensor, *, update: str) -> No
         w = c.sub
         gi = c.g_inv if c.g_inv is not None else torch.eye(len(c.rows), dtype=w.dtype, device=w.device)
         ai = c.a_inv if c.a_inv is not None else torch.eye(len(c.cols), dtype=w.dtype, device=w.device)
-        s = torch.where(m, w / (gi.diagonal()[:, None] * ai.diagonal()[None, :]), torch.zeros_like(w))
-        c.w[c.rows[:, None], c.cols[None, :]] -= gi @ s @ ai
-    c.w[:, : c.n_in][mask] = 0.0
+        if update == "correlated":
+            _joint_elements(w, gi, ai, m, max_correlate)
+            c.w[c.rows[:, None], c.cols[None, :]] = w
+        else:
+            s = torch.where(m, w / (gi.diagonal()[:, None] * ai.diagonal()[None, :]), torch.zeros_like(w))
+            c.w[c.rows[:, None], c.cols[None, :]] -= gi @ s @ ai
+    c.w[:, : c.n_in][mask] = 0.0  # later groups move earlier groups' weights a little: exact zeros
 
 
 def write_back(c: LayerCurvature, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

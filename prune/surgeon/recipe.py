@@ -14,6 +14,7 @@ from flexigpt.shared.evaluate.cli import PerplexitySection
 from flexigpt.shared.recipe import BaseRecipe, Section, StreamSection, TrainSection, register_recipe_kind
 
 Method = Literal["magnitude", "l_obd", "k_obd", "surgeon"]
+Target = Literal["q", "k", "v", "o", "gate", "up", "down"]
 
 
 class SurgeonError(ValueError):
@@ -38,6 +39,55 @@ class SurgeonCalibration(Section):
     pack: bool = Field(
         True, description="true: documents joined into full seq_len windows; false: one document per window."
     )
+
+
+class SurgeonLora(Section):
+    """The first-order correction: LoRA trained after each shot and absorbed, pruned weights kept at zero."""
+
+    enabled: bool = Field(
+        False,
+        description="Train LoRA adapters on the decoder linears after every shot and absorb them into the "
+        "weights (pruned weights stay zero). The paper's structured runs do not use it.",
+    )
+    rank: int = Field(8, ge=1, description="Adapter rank (the released code: 8).")
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha (scale alpha / rank); null: alpha = rank, scale 1 (the released code).",
+    )
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the adapters (the released code: 1e-4).")
+    samples: int = Field(
+        3,
+        ge=1,
+        description="Calibration windows trained on after each shot, a seeded random subset drawn per shot "
+        "(the released code: 2.5% of the windows, 3 of 128); at most calibration.num_samples.",
+    )
+    epochs: int = Field(
+        1, ge=1, description="Passes over those windows after each shot (the released code: 1)."
+    )
+    batch: int = Field(
+        1, ge=1, description="Windows per optimizer step (their gradients summed one window at a time)."
+    )
+    final_pass: bool = Field(
+        True, description="After the last shot, one more correction on every calibration window."
+    )
+    final_epochs: int = Field(
+        5,
+        ge=1,
+        description="Passes of the final correction over every window; the learning rate decays linearly "
+        "over the passes (the released code: 5).",
+    )
+    targets: list[Target] = Field(
+        default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"],
+        description="Decoder linears that get an adapter (q, k, v, o, gate, up, down).",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"targets={v}: name one or more distinct linears of q, k, v, o, gate, up, down")
+        return v
 
 
 class SurgeonSection(Section):
@@ -83,7 +133,15 @@ class SurgeonSection(Section):
     update: Literal["correlated", "independent"] = Field(
         "correlated",
         description="surgeon's weight update: all removed rows (columns) of a layer solved jointly, or each on "
-        "its own (the paper's ablation). Single weights (element, 2:4) are always updated independently.",
+        "its own (the paper's ablation). Single weights (element, 2:4): correlated solves them jointly in "
+        "groups of at most max_correlate; independent sums each weight's own update.",
+    )
+    max_correlate: int = Field(
+        2000,
+        ge=1,
+        description="element and 2:4 with update: correlated: at most this many removed weights of a layer "
+        "are solved jointly (whole rows together while they fit, longer rows in chunks); the released code "
+        "uses 2000. Each group costs a solve of its size and an out x rows x in product.",
     )
     obd: bool = Field(
         False,
@@ -101,6 +159,10 @@ class SurgeonSection(Section):
         "memory",
         description="Where factors wait between the costs and the update: memory, or one file per layer in "
         "output_dir (removed after the shot) so that only one layer's factors are in memory then.",
+    )
+    lora: SurgeonLora = Field(
+        default_factory=SurgeonLora,
+        description="The first-order correction between shots (every method of the run gets it when enabled).",
     )
     calibration: SurgeonCalibration = Field(
         default_factory=SurgeonCalibration, description="Calibration text."
@@ -131,6 +193,12 @@ class SurgeonSection(Section):
             raise ValueError(f"target_size={self.target_size}: 2:4 keeps at least half the weights (>= 0.5)")
         for s in self.save_sizes:
             self.shot_of(s)
+        if self.lora.enabled and self.lora.samples > self.calibration.num_samples:
+            raise ValueError(
+                f"surgeon.lora.samples={self.lora.samples} exceeds surgeon.calibration.num_samples="
+                f"{self.calibration.num_samples}; "
+                f"allowed 1..{self.calibration.num_samples}"
+            )
         return self
 
     def target(self, shot: int) -> float:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from flexigpt.prune.depth.importance import calibration_samples
+from flexigpt.prune.surgeon.correction import CorrectionError, LoraOptions, correct
 from flexigpt.prune.surgeon.curvature import decoder_linears
 from flexigpt.prune.surgeon.plots import plot_sparsity
 from flexigpt.prune.surgeon.recipe import SurgeonError, SurgeonRecipe
@@ -228,10 +229,24 @@ def _run_method(
         damp_a=s.damp_a,
         fisher=s.fisher,
         update=s.update,
+        max_correlate=s.max_correlate,
         obd=s.obd if method == "surgeon" else None,
         blocks_per_pass=s.blocks_per_pass,
         factors=s.factors,
         scratch=mdir,
+        seed=s.seed,
+    )
+    lo = s.lora
+    lora = LoraOptions(
+        rank=lo.rank,
+        alpha=lo.alpha,
+        lr=lo.lr,
+        samples=lo.samples,
+        epochs=lo.epochs,
+        batch=lo.batch,
+        final_pass=lo.final_pass,
+        final_epochs=lo.final_epochs,
+        targets=tuple(lo.targets),
         seed=s.seed,
     )
     saved = s.saved_shots()
@@ -248,6 +263,13 @@ def _run_method(
             continue
         log(f"[{method}] shot {shot}/{s.shots}")
         result = prune_shot(model, ctx["samples"], s.target(shot), opts, log=log).to_dict()
+        if s.lora.enabled:  # part of the shot: a resumed run redoes both or neither
+            try:
+                result["correction"] = correct(model, ctx["samples"], lora, shot=shot, log=log)
+                if shot == s.shots and s.lora.final_pass:
+                    result["final_correction"] = correct(model, ctx["samples"], lora, shot=None, log=log)
+            except CorrectionError as e:
+                raise SurgeonError(f"[{method}] shot {shot}: {e}") from e
         if shot in saved:
             variants.append(_save_variant(model, recipe, method, shot, saved[shot], result, ctx, log))
         weights = f"weights-{shot}.safetensors"

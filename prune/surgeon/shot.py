@@ -53,6 +53,7 @@ class ShotOptions:
     damp_a: float = 0.01
     fisher: str = "empirical"
     update: str = "correlated"
+    max_correlate: int = 2000
     obd: bool | None = None
     blocks_per_pass: int | None = None
     factors: str = "memory"
@@ -208,7 +209,7 @@ def prune_shot(
                 c.w[rows] = 0.0  # the column update leaves removed rows at zero; keep it exact
                 result.removed_rows[key], result.removed_cols[key] = len(rows), len(cols)
             else:
-                remove_elements(c, masks[key].to(c.w.device), update=mode)  # type: ignore[index]
+                remove_elements(c, masks[key].to(c.w.device), update=mode, max_correlate=o.max_correlate)  # type: ignore[index]
             write_back(c, w, b)
             zeros = int(w.eq(0).sum())
             result.sparsity[key] = zeros / w.numel()

@@ -7,6 +7,7 @@ import torch
 
 from flexigpt.prune.surgeon.costs import (
     element_costs,
+    element_groups,
     prepare,
     remove_cols,
     remove_elements,
@@ -143,3 +144,60 @@ def test_element_update_is_each_weights_own_optimum_summed() -> None:
     _, delta = _brute(w, c.g, c.a, m, True)
     remove_elements(c, m, update="independent")
     torch.testing.assert_close(c.w, w + delta, rtol=1e-9, atol=1e-12)
+
+
+def _elements(shape: tuple[int, int], cells: list[tuple[int, int]]) -> torch.Tensor:
+    m = torch.zeros(shape, dtype=torch.bool)
+    for i, j in cells:
+        m[i, j] = True
+    return m
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_joint_element_update_is_the_constrained_least_squares_solution(bias: bool) -> None:
+    w, g, a = _layer(5, 6, seed=8)
+    b = torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) if bias else None
+    a = _spd(7, torch.Generator().manual_seed(4)) if bias else a
+    m = _elements((5, 6), [(0, 1), (0, 4), (2, 0), (2, 2), (2, 5), (4, 3)])
+    c = prepare(w, b, g, a, obs=True)
+    fixed = torch.zeros_like(c.w, dtype=torch.bool)
+    fixed[:, :6] = m
+    _, delta = _brute(c.w, c.g, c.a, fixed, True)
+    expect = c.w + delta
+    remove_elements(c, m, update="correlated", max_correlate=100)  # one group: the exact joint solve
+    torch.testing.assert_close(c.w, expect, rtol=1e-9, atol=1e-12)
+    assert c.w[:, :6][m].eq(0).all()
+
+
+def test_joint_update_of_one_rows_weights_is_its_own_least_squares_solution() -> None:
+    w, g, a = _layer(5, 6, seed=9)
+    m = _elements((5, 6), [(3, 0), (3, 2), (3, 5)])
+    c = prepare(w, None, g, a, obs=True)
+    _, delta = _brute(w, c.g, c.a, m, True)
+    remove_elements(c, m, update="correlated", max_correlate=3)
+    torch.testing.assert_close(c.w, w + delta, rtol=1e-9, atol=1e-12)
+    # the row's own part is −W_r,S ([A⁻¹]_SS)⁻¹ [A⁻¹]_S,: (the other rows move through G⁻¹)
+    s = torch.tensor([0, 2, 5])
+    ai = c.a_inv
+    own = -torch.linalg.solve(ai[s][:, s], w[3, s]) @ ai[s]
+    torch.testing.assert_close(c.w[3] - w[3], own, rtol=1e-9, atol=1e-12)
+
+
+def test_joint_update_beats_the_independent_one_and_groups_respect_the_bound() -> None:
+    w, g, a = _layer(6, 8, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    m = torch.rand(6, 8, generator=gen) < 0.4
+
+    def loss(update: str, bound: int = 2000) -> float:
+        c = prepare(w, None, g, a, obs=True)
+        remove_elements(c, m, update=update, max_correlate=bound)
+        assert c.w[m].eq(0).all()
+        d = c.w - w
+        return float(0.5 * torch.trace(c.g @ d @ c.a @ d.T))
+
+    exact = _brute(w, prepare(w, None, g, a).g, prepare(w, None, g, a).a, m, True)[0].item()
+    assert loss("correlated") == pytest.approx(exact, rel=1e-9)
+    assert exact < loss("correlated", 4) < loss("independent") < loss("none")
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    groups = [x.tolist() for x in element_groups(rows, 4)]
+    assert groups == [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]]

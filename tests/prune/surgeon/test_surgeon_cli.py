@@ -55,8 +55,11 @@ def test_the_command_prunes_shrinks_saves_and_measures(prune_workspace, tmp_path
     assert "settings" in capsys.readouterr().err
 
 
-def test_a_rerun_resumes_after_the_last_finished_shot(prune_workspace, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_rerun_resumes_after_the_last_finished_shot(prune_workspace, tmp_path, monkeypatch, lora) -> None:
     extra = ("surgeon.methods=[surgeon]", "surgeon.save_plain=false")
+    if lora:  # the correction is part of a finished shot: resumed, the run gets the same bytes
+        extra += ("surgeon.lora.enabled=true", "surgeon.lora.samples=2", "surgeon.lora.lr=0.001")
     assert _surgeon(prune_workspace, tmp_path / "straight", *extra) == 0
     real = surgeon_run.prune_shot
     calls = []
@@ -77,6 +80,22 @@ def test_a_rerun_resumes_after_the_last_finished_shot(prune_workspace, tmp_path,
     a = load_file(str(tmp_path / "straight" / "surgeon-70" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "surgeon-70" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = json.loads((tmp_path / "resumed" / "surgeon" / "state.json").read_text())["results"]
+    assert [("correction" in r, "final_correction" in r) for r in results] == [(lora, False)] * 2 + [
+        (lora, lora)
+    ]
+
+
+def test_a_diverging_correction_stops_the_run_before_its_shot_is_saved(
+    prune_workspace, tmp_path, capsys
+) -> None:
+    out = tmp_path / "diverged"
+    extra = ("surgeon.methods=[surgeon]", "surgeon.lora.enabled=true", "surgeon.lora.lr=1e30")
+    assert _surgeon(prune_workspace, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert "shot 1" in err and "surgeon.lora.lr" in err and "Traceback" not in err
+    assert not (out / "surgeon" / "state.json").exists()  # the shot is not finished: a rerun redoes it
+    assert not list((out / "surgeon").glob("weights-*"))
 
 
 def test_bad_surgeon_values_fail_naming_the_key(prune_workspace, tmp_path, capsys) -> None:
@@ -87,6 +106,12 @@ def test_bad_surgeon_values_fail_naming_the_key(prune_workspace, tmp_path, capsy
     assert "surgeon.methods" in capsys.readouterr().err
     assert _surgeon(prune_workspace, out, "surgeon.calibration.seq_len=100000") == 2
     assert "surgeon.calibration.seq_len" in capsys.readouterr().err
+    assert _surgeon(prune_workspace, out, "surgeon.lora.enabled=true", "surgeon.lora.samples=9") == 2
+    assert "surgeon.lora.samples=9 exceeds surgeon.calibration.num_samples=8" in capsys.readouterr().err
+    assert _surgeon(prune_workspace, out, "surgeon.lora.targets=[qkv]") == 2
+    assert "surgeon.lora.targets" in capsys.readouterr().err
+    assert _surgeon(prune_workspace, out, "surgeon.max_correlate=0") == 2
+    assert "surgeon.max_correlate" in capsys.readouterr().err
     assert not out.exists()  # a refused run writes nothing
     assert main(["--help-recipe", "surgeon"]) == 0
     assert "surgeon.update" in capsys.readouterr().out
