@@ -54,6 +54,7 @@ from flexigpt.prune.depth.summary import PruneSummary, summary_table, variant_en
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.apply import expected_trainable
 from flexigpt.shared.engine.checkpoint import load_compact, save_compact
+from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import Plan, PlanError
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import TrainRecipe
@@ -210,6 +211,11 @@ def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
 
 def precheck(recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, n: int) -> None:
     """Refuse, before anything is computed or written, what a rerun would refuse later (every rank)."""
+    layout = get_layout(config)
+    targets = recipe.prune.replace.targets
+    # the adapters (flexigpt, shortgpt_lora) and the base selection read these linears
+    if set(recipe.prune.variants) - {"shortgpt"} and layout.missing_targets(targets):
+        raise PruneError(layout.targets_message("prune.replace.targets", targets))
     check_settings(rd, run_settings(recipe, n))
     needs_sel = "flexigpt" in recipe.prune.variants
     if not rd.importance.is_file() or (needs_sel and not rd.selection.is_file()):

@@ -29,6 +29,8 @@ class ArchLayout:
     """Dotted path from the CausalLM module to the ModuleList of decoder layers."""
     top_modules: tuple[str, ...] = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
     """Modules outside the decoder stack, carried over unchanged when a shared model is built."""
+    final_norm: str = "model.norm"
+    """The norm after the decoder stack (a top module)."""
     buffer_modules: tuple[str, ...] = ("model.rotary_emb",)
     """Top modules holding only derived buffers, rebuilt from the config when loading."""
     linears: tuple[tuple[str, str], ...] = (
@@ -68,6 +70,17 @@ class ArchLayout:
                 return path
         raise PlanError(
             f"adapter target {target!r} does not exist in {self.description}; allowed: {list(self.targets)}"
+        )
+
+    def missing_targets(self, targets: Any) -> list[str]:
+        """The names in `targets` this architecture has no linear for (OPT: ``gate``)."""
+        return [t for t in targets if t not in self.targets]
+
+    def targets_message(self, key: str, targets: Any) -> str:
+        """Why recipe key `key` = `targets` does not fit this architecture, naming the allowed targets."""
+        return (
+            f"{key}={list(targets)}: {self.missing_targets(targets)} do not exist in {self.description}; "
+            f"allowed: {list(self.targets)}"
         )
 
     # ------------------------------------------------------------------ sizes from the config
@@ -240,6 +253,7 @@ LAYOUTS: dict[str, ArchLayout] = {
             "model.decoder.final_layer_norm",
             "lm_head",
         ),
+        final_norm="model.decoder.final_layer_norm",
         buffer_modules=(),
         linears=(
             ("q", "self_attn.q_proj"),
