@@ -50,8 +50,9 @@ def check_fits(plan: Plan | DensePlan, source_config: PretrainedConfig) -> None:
     """Check `plan` against the source config before any weight is loaded.
 
     Raises:
-        GrowError: an adapter rank exceeds a targeted matrix (named as the ``grow.adapter`` key to
-            change), or the plan is for another architecture or depth.
+        GrowError: an adapter targets a linear the architecture lacks (OPT: gate) or its rank
+            exceeds a targeted matrix (named as the ``grow.adapter`` key to change), or the plan is
+            for another architecture or depth.
     """
     if isinstance(plan, DensePlan):
         if (plan.model_type, plan.num_source_layers) != (
@@ -62,8 +63,11 @@ def check_fits(plan: Plan | DensePlan, source_config: PretrainedConfig) -> None:
                 f"dense plan for {plan.model_type}/{plan.num_source_layers} layers does not fit the source"
             )
         return
-    shapes = get_layout(source_config).matrix_shapes(source_config)
+    layout = get_layout(source_config)
+    shapes = layout.matrix_shapes(source_config)
     for spec in [s.adapter for s in plan.slots if s.adapter is not None]:
+        if layout.missing_targets(spec.targets):
+            raise GrowError(layout.targets_message("grow.adapter.targets", spec.targets))
         for t in spec.targets:
             r, (out_f, in_f) = spec.rank_for(t), shapes[t]
             if r > min(out_f, in_f):
