@@ -85,4 +85,9 @@ def test_the_command_refuses_gate_on_opt_and_plans_its_six_targets(tmp_path, cap
     extra = ("grow.adapter.targets=[q,k,v,o,up,down]", "--plan-only")
     assert main([recipe, *local_overrides(ws, tmp_path / "r", *extra)]) == 0
     assert "adapter r=8 [q,k,v,o,up,down]" in capsys.readouterr().out
+    # post-LN OPT (opt-350m's layout) is refused by name, not met with a traceback
+    tiny_model("opt", num_layers=4, hidden=32, do_layer_norm_before=False).save_pretrained(tmp_path / "post")
+    post = (f"model.source={tmp_path / 'post'}", *extra)
+    assert main([recipe, *local_overrides(ws, tmp_path / "r", *post)]) == 2
+    assert "do_layer_norm_before=false, as facebook/opt-350m" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

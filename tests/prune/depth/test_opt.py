@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, OPTForCausalLM
 
 import flexigpt.shared  # noqa: F401  (registers the compact format with the Auto classes)
 from flexigpt.prune.cli import main
+from flexigpt.shared.engine.tiny import tiny_model
 
 from ...kit import write_workspace
 from ..conftest import prune_overrides
@@ -25,6 +26,11 @@ def test_opt_prunes_to_every_variant_and_gate_is_refused_first(tmp_path, capsys)
     assert main([RECIPE, *prune_overrides(ws, out, "--prune-only")]) == 2
     err = capsys.readouterr().err
     assert "prune.replace.targets=" in err and "allowed: ['q', 'k', 'v', 'o', 'up', 'down']" in err
+    assert not out.exists()
+    tiny_model("opt", num_layers=6, hidden=32, do_layer_norm_before=False).save_pretrained(tmp_path / "post")
+    post = (f"model.source={tmp_path / 'post'}", OPT_TARGETS, "--prune-only")
+    assert main([RECIPE, *prune_overrides(ws, out, *post)]) == 2
+    assert "do_layer_norm_before=false, as facebook/opt-350m" in capsys.readouterr().err
     assert not out.exists()
 
     assert main([RECIPE, *prune_overrides(ws, out, OPT_TARGETS, "--prune-only")]) == 0
