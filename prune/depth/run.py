@@ -211,11 +211,7 @@ def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
 
 def precheck(recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, n: int) -> None:
     """Refuse, before anything is computed or written, what a rerun would refuse later (every rank)."""
-    layout = get_layout(config)
-    targets = recipe.prune.replace.targets
-    # the adapters (flexigpt, shortgpt_lora) and the base selection read these linears
-    if set(recipe.prune.variants) - {"shortgpt"} and layout.missing_targets(targets):
-        raise PruneError(layout.targets_message("prune.replace.targets", targets))
+    check_architecture(recipe, config)
     check_settings(rd, run_settings(recipe, n))
     needs_sel = "flexigpt" in recipe.prune.variants
     if not rd.importance.is_file() or (needs_sel and not rd.selection.is_file()):
@@ -224,6 +220,23 @@ def precheck(recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, n: int) 
     sel = SelectionResult.load(rd.selection) if needs_sel else None
     for name, plan in plans_for(recipe, config, rd, removed, sel).items():
         variant_state(rd, name, plan)
+
+
+def check_architecture(recipe: PruneRecipe, config: PretrainedConfig, section: str = "prune") -> None:
+    """Refuse a source the engine does not run (an unknown family, post-LN OPT) and adapter targets
+    its architecture lacks (OPT: gate), naming ``<section>.replace.targets``.
+
+    Raises:
+        PruneError: with the reason and what is allowed.
+    """
+    try:
+        layout = get_layout(config)
+    except PlanError as e:
+        raise PruneError(f"model.source: {e}") from None
+    targets = recipe.prune.replace.targets
+    # the adapters (flexigpt, shortgpt_lora) and the base selection read these linears
+    if set(recipe.prune.variants) - {"shortgpt"} and layout.missing_targets(targets):
+        raise PruneError(layout.targets_message(f"{section}.replace.targets", targets))
 
 
 # ------------------------------------------------------------------------------------- the step

@@ -49,3 +49,12 @@ def test_opt_prunes_to_every_variant_and_gate_is_refused_first(tmp_path, capsys)
     assert plain.config.num_hidden_layers == 4
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, logits["shortgpt"], rtol=1e-5, atol=1e-5)
+
+
+def test_compare_refuses_gate_on_opt_before_writing(tmp_path, capsys) -> None:
+    ws = write_workspace(tmp_path / "ws", num_layers=6, arch="opt")
+    recipe = str(Path(RECIPE).with_name("compare-local-tiny.yaml"))
+    out = tmp_path / "cmp"
+    assert main([recipe, *prune_overrides(ws, out, "compare.recovery=none")]) == 2
+    assert "compare.replace.targets=" in capsys.readouterr().err
+    assert not out.exists()
