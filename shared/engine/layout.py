@@ -12,8 +12,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from flexigpt.shared.engine.plan import BlockShape, PlanError
 
 
@@ -158,7 +156,7 @@ class ArchLayout:
         narrowed.num_key_value_heads = shape.num_key_value_heads
         return narrowed
 
-    def narrow_layer(self, layer: nn.Module, config: Any, shape: BlockShape | None) -> None:
+    def narrow_layer(self, layer: Any, config: Any, shape: BlockShape | None) -> None:
         """Give a decoder layer built from ``block_config`` the sizes `shape` says, where its
         modules do not follow the config (nothing to do for the LLaMA family)."""
 
@@ -205,7 +203,9 @@ class OPTLayout(ArchLayout):
         narrowed.ffn_dim = shape.intermediate_size
         return narrowed
 
-    def narrow_layer(self, layer: nn.Module, config: Any, shape: BlockShape | None) -> None:
+    def narrow_layer(self, layer: Any, config: Any, shape: BlockShape | None) -> None:
+        from torch import nn  # the layouts themselves are plain data, importable without torch
+
         if shape is None or shape.num_attention_heads == config.num_attention_heads:
             return
         attn = layer.get_submodule("self_attn")
