@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, OPTForCausalLM
+from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 import flexigpt.shared  # noqa: F401  (registers the compact format with the Auto classes)
 from flexigpt.shared.engine.apply import (
@@ -161,3 +161,21 @@ def test_narrowed_block_runs_saves_and_exports(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact", attn_implementation="eager")
     assert torch.equal(_logits(loaded), _logits(model))
     torch.testing.assert_close(_logits(materialize(model)), _logits(zeroed), rtol=1e-5, atol=1e-5)
+
+
+def test_counts_from_the_config_alone_match_opt_1_3b_built_on_meta():
+    # facebook/opt-1.3b's shapes (no weights: built on the meta device): 1,315,758,080 parameters
+    cfg = OPTConfig(
+        vocab_size=50272,
+        hidden_size=2048,
+        ffn_dim=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=2048,
+        do_layer_norm_before=True,
+    )
+    with torch.device("meta"):
+        model = OPTForCausalLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 1_315_758_080
+    assert expected_trainable(Plan.identity("opt", 24), cfg, "all") == 1_315_758_080
