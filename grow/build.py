@@ -16,7 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from flexigpt.shared.engine.apply import apply_plan, check_plan_fits, expected_trainable, stored_param_count
 from flexigpt.shared.engine.layout import get_layout
-from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.engine.plan import Plan, PlanError
 
 from .dense import dense_param_count, grow_dense
 from .strategies import DensePlan, GrowError
@@ -50,9 +50,15 @@ def check_fits(plan: Plan | DensePlan, source_config: PretrainedConfig) -> None:
     """Check `plan` against the source config before any weight is loaded.
 
     Raises:
-        GrowError: an adapter rank exceeds a targeted matrix (named as the ``grow.adapter`` key to
-            change), or the plan is for another architecture or depth.
+        GrowError: the source's architecture is not supported (or refused, as post-LN OPT), an
+            adapter targets a linear it lacks (OPT: gate) or its rank exceeds a targeted matrix
+            (named as the ``grow.adapter`` key to change), or the plan is for another architecture
+            or depth.
     """
+    try:  # an unsupported family, or one the engine refuses (post-LN OPT), is the source's fault
+        layout = get_layout(source_config)
+    except PlanError as e:
+        raise GrowError(f"model.source: {e}") from None
     if isinstance(plan, DensePlan):
         if (plan.model_type, plan.num_source_layers) != (
             source_config.model_type,
@@ -62,8 +68,10 @@ def check_fits(plan: Plan | DensePlan, source_config: PretrainedConfig) -> None:
                 f"dense plan for {plan.model_type}/{plan.num_source_layers} layers does not fit the source"
             )
         return
-    shapes = get_layout(source_config).matrix_shapes(source_config)
+    shapes = layout.matrix_shapes(source_config)
     for spec in [s.adapter for s in plan.slots if s.adapter is not None]:
+        if layout.missing_targets(spec.targets):
+            raise GrowError(layout.targets_message("grow.adapter.targets", spec.targets))
         for t in spec.targets:
             r, (out_f, in_f) = spec.rank_for(t), shapes[t]
             if r > min(out_f, in_f):

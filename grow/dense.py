@@ -89,9 +89,7 @@ def grow_dense(source: PreTrainedModel, plan: DensePlan) -> PreTrainedModel:
 def dense_param_count(config: PretrainedConfig, num_layers: int) -> int:
     """Parameters of a plain model of `config`'s family with `num_layers` blocks (tied embeddings once)."""
     layout = get_layout(config)
-    emb = config.vocab_size * config.hidden_size
-    top = emb + config.hidden_size + (0 if config.tie_word_embeddings else emb)
-    return top + num_layers * layout.block_param_count(config)
+    return layout.top_param_count(config) + num_layers * layout.block_param_count(config)
 
 
 def expected_dense_trainable(plan: DensePlan, source_config: PretrainedConfig) -> int:

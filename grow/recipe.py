@@ -32,7 +32,7 @@ class GrowAdapterSection(Section):
     targets: list[Target] = Field(
         default_factory=lambda: list(TARGETS),
         description="Linear layers that get an adapter. Default all seven projections (the paper's lost "
-        "footnote 2; the reading that fits its parameter count).",
+        "footnote 2; the reading that fits its parameter count). OPT has no gate: [q, k, v, o, up, down].",
     )
     init: Literal["zero", "lora"] = Field(
         "lora",

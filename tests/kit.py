@@ -49,9 +49,10 @@ def write_corpus(d: Path, n_docs: int = 120, n_files: int = 2, seed: int = 0) ->
     return d
 
 
-def write_workspace(root: Path, num_layers: int) -> dict[str, Path]:
-    """Tokenizer, corpus and a `num_layers`-layer tiny LLaMA-2 source model (hidden 32) under `root`."""
-    tiny_model("llama2", num_layers=num_layers, hidden=32, heads=4).save_pretrained(root / "model")
+def write_workspace(root: Path, num_layers: int, arch: str = "llama2") -> dict[str, Path]:
+    """Tokenizer, corpus and a `num_layers`-layer tiny source model (hidden 32; LLaMA-2 unless `arch`
+    names another of ``tiny.TINY_ARCHS``) under `root`."""
+    tiny_model(arch, num_layers=num_layers, hidden=32, heads=4).save_pretrained(root / "model")
     return {
         "tok": write_tokenizer(root / "tok"),
         "corpus": write_corpus(root / "corpus"),

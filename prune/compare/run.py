@@ -33,7 +33,7 @@ from flexigpt.prune.compare.recipe import NO_NORM, CompareRecipe
 from flexigpt.prune.depth.baselines import BASELINES, get_baseline
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
-from flexigpt.prune.depth.run import blocks_to_remove, source_config
+from flexigpt.prune.depth.run import blocks_to_remove, check_architecture, source_config
 from flexigpt.prune.depth.run import run as prune_run
 from flexigpt.prune.depth.steps import (
     SourceModel,
@@ -332,6 +332,9 @@ def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
     config = source_config(recipe)  # type: ignore[arg-type]
     pr = family_recipe(recipe)
     n = blocks_to_remove(pr, config)
+    check_architecture(pr, config, "compare")
+    if NO_NORM in c.methods:
+        check_architecture(family_recipe(recipe, no_norm=True), config, "compare")
     _check_settings(out, settings(recipe, n))
     recipe.save(out / "compare_recipe.yaml")
     runs = [(pr, False)] if any(m in VARIANTS for m in c.methods) else []

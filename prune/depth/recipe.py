@@ -122,7 +122,8 @@ class ReplaceSection(Section):
     targets: list[Target] = Field(
         default_factory=lambda: list(TARGETS),
         description="Linears that get adapters. The paper's footnote 2 is lost (ambiguity 1); reading: all "
-        "seven projections, the only choice that fits its 3.67% parameter overhead.",
+        "seven projections, the only choice that fits its 3.67% parameter overhead. OPT has no gate: "
+        "[q, k, v, o, up, down].",
     )
     alpha: float | None = Field(
         None,

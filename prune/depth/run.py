@@ -54,6 +54,7 @@ from flexigpt.prune.depth.summary import PruneSummary, summary_table, variant_en
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.apply import expected_trainable
 from flexigpt.shared.engine.checkpoint import load_compact, save_compact
+from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import Plan, PlanError
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import TrainRecipe
@@ -210,6 +211,7 @@ def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
 
 def precheck(recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, n: int) -> None:
     """Refuse, before anything is computed or written, what a rerun would refuse later (every rank)."""
+    check_architecture(recipe, config)
     check_settings(rd, run_settings(recipe, n))
     needs_sel = "flexigpt" in recipe.prune.variants
     if not rd.importance.is_file() or (needs_sel and not rd.selection.is_file()):
@@ -218,6 +220,23 @@ def precheck(recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, n: int) 
     sel = SelectionResult.load(rd.selection) if needs_sel else None
     for name, plan in plans_for(recipe, config, rd, removed, sel).items():
         variant_state(rd, name, plan)
+
+
+def check_architecture(recipe: PruneRecipe, config: PretrainedConfig, section: str = "prune") -> None:
+    """Refuse a source the engine does not run (an unknown family, post-LN OPT) and adapter targets
+    its architecture lacks (OPT: gate), naming ``<section>.replace.targets``.
+
+    Raises:
+        PruneError: with the reason and what is allowed.
+    """
+    try:
+        layout = get_layout(config)
+    except PlanError as e:
+        raise PruneError(f"model.source: {e}") from None
+    targets = recipe.prune.replace.targets
+    # the adapters (flexigpt, shortgpt_lora) and the base selection read these linears
+    if set(recipe.prune.variants) - {"shortgpt"} and layout.missing_targets(targets):
+        raise PruneError(layout.targets_message(f"{section}.replace.targets", targets))
 
 
 # ------------------------------------------------------------------------------------- the step

@@ -40,7 +40,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexigpt.shared.engine.layout import get_layout
-from flexigpt.shared.engine.plan import TARGETS
 from flexigpt.shared.files import write_text_atomic
 
 METRICS: dict[str, str] = {
@@ -70,7 +69,7 @@ class BlockSource:
     num_layers: int
     """Number of source blocks."""
     targets: tuple[str, ...]
-    """Short names of the linears compared (q, k, v, o, gate, up, down)."""
+    """Short names of the linears compared (q, k, v, o, gate, up, down; OPT has no gate)."""
     load: Callable[[int], dict[str, torch.Tensor]]
     """block index -> {target: weight (out x in)}; any dtype, converted to fp32 when used."""
 
@@ -84,10 +83,12 @@ class BlockSource:
         return {t: weights[t] for t in self.targets}
 
 
-def source_from_model(model: nn.Module, targets: Sequence[str] = TARGETS) -> BlockSource:
-    """A BlockSource over the decoder layers of an in-memory transformers model."""
+def source_from_model(model: nn.Module, targets: Sequence[str] | None = None) -> BlockSource:
+    """A BlockSource over the decoder layers of an in-memory transformers model (`targets`: every
+    linear of the architecture when None)."""
     layout = get_layout(model.config)
     layers = model.get_submodule(layout.layers_path)
+    targets = layout.targets if targets is None else tuple(targets)
     paths = {t: layout.linear_path(t) for t in targets}
 
     def load(i: int) -> dict[str, torch.Tensor]:
@@ -97,16 +98,20 @@ def source_from_model(model: nn.Module, targets: Sequence[str] = TARGETS) -> Blo
 
 
 def source_from_state_dict(
-    state_dict: dict[str, torch.Tensor], model_type: str, num_layers: int, targets: Sequence[str] = TARGETS
+    state_dict: dict[str, torch.Tensor],
+    model_type: str,
+    num_layers: int,
+    targets: Sequence[str] | None = None,
 ) -> BlockSource:
     """A BlockSource over a state dict with the source model's tensor names."""
-    names = _tensor_names(model_type, targets)
+    targets = get_layout(model_type).targets if targets is None else tuple(targets)
+    names = _tensor_names(model_type, targets, state_dict.keys())
     return BlockSource(
         num_layers, tuple(targets), lambda i: {t: state_dict[n.format(i=i)] for t, n in names.items()}
     )
 
 
-def source_from_safetensors(path: str | Path, targets: Sequence[str] = TARGETS) -> BlockSource:
+def source_from_safetensors(path: str | Path, targets: Sequence[str] | None = None) -> BlockSource:
     """A BlockSource reading a local HF checkpoint directory one tensor at a time.
 
     Only the requested block's tensors are read from disk (``safe_open`` maps the file and copies
@@ -115,7 +120,7 @@ def source_from_safetensors(path: str | Path, targets: Sequence[str] = TARGETS) 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` or a sharded
             ``model.safetensors.index.json``.
-        targets: linears to load.
+        targets: linears to load (every linear of the architecture when None).
 
     Raises:
         FileNotFoundError: the directory lacks config.json or safetensors weights.
@@ -125,14 +130,18 @@ def source_from_safetensors(path: str | Path, targets: Sequence[str] = TARGETS) 
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{root}: no config.json (a local HF checkpoint directory is required)")
     cfg = json.loads(cfg_path.read_text())
-    names = _tensor_names(cfg.get("model_type"), targets)
+    targets = get_layout(cfg.get("model_type")).targets if targets is None else tuple(targets)
     index = root / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
+        stored = weight_map.keys()
     elif (root / "model.safetensors").is_file():
         weight_map = None
+        with safe_open(str(root / "model.safetensors"), framework="pt") as f:
+            stored = set(f.keys())
     else:
         raise FileNotFoundError(f"{root}: no model.safetensors or model.safetensors.index.json")
+    names = _tensor_names(cfg.get("model_type"), targets, stored)
 
     def load(i: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -146,9 +155,19 @@ def source_from_safetensors(path: str | Path, targets: Sequence[str] = TARGETS) 
     return BlockSource(int(cfg["num_hidden_layers"]), tuple(targets), load)
 
 
-def _tensor_names(model_type: str | None, targets: Sequence[str]) -> dict[str, str]:
+def _tensor_names(model_type: str | None, targets: Sequence[str], stored: Any = None) -> dict[str, str]:
+    """Name pattern (``{i}``: the block) of each target's weight in a checkpoint.
+
+    Checkpoints saved from the base model rather than the CausalLM (the original OPT files:
+    ``decoder.layers.0...``) lack the leading ``model.``; `stored`, the names present, says which.
+    """
     layout = get_layout(model_type)
-    return {t: f"{layout.layers_path}.{{i}}.{layout.linear_path(t)}.weight" for t in targets}
+    prefix = layout.layers_path
+    head, _, rest = prefix.partition(".")
+    probe = f".0.{layout.linear_path(targets[0])}.weight"
+    if stored is not None and head == "model" and prefix + probe not in stored and rest + probe in stored:
+        prefix = rest
+    return {t: f"{prefix}.{{i}}.{layout.linear_path(t)}.weight" for t in targets}
 
 
 # ---------------------------------------------------------------------------------------- math

@@ -4,7 +4,8 @@ Row and column pruning leaves zeros inside full-size matrices. Some of them take
 of the computation, and those are cut from the matrices:
 
 - an MLP unit j whose gate row, up row (each with a zero bias, if any) or down column is zero:
-  act(0)·up = 0 and gate·0 = 0, so the unit adds nothing (the Llama family's act(0) = 0);
+  act(0)·up = 0 and gate·0 = 0, so the unit adds nothing (the Llama family's act(0) = 0); without
+  a gate (OPT: fc1 = up, fc2 = down) a zero fc1 row with a zero bias gives act(0) = 0 (ReLU);
 - an attention head whose output columns of o are zero, or whose value rows (with bias) are zero,
   with its q rows; a key/value head goes (k and v rows) when every query head that reads it has
   gone. Grouped-query models therefore lose whole groups only, keeping the grouping uniform.
@@ -71,30 +72,34 @@ def shrink_model(model: PreTrainedModel, notes: dict | None = None) -> tuple[Pre
     config = model.config
     layout = get_layout(config)
     layers = model.get_submodule(layout.layers_path)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = layout.head_dim(config)
+    heads, kv_heads = config.num_attention_heads, layout.kv_heads(config)
     n_rep = heads // kv_heads
     shapes: dict[int, BlockShape] = {}
-    # a zero gate pre-activation silences a unit only if act(0) = 0 (SiLU, GELU, ReLU do)
-    gate_zero_is_silent = bool(ACT2FN[config.hidden_act](torch.zeros(1)).eq(0).all())
+    # a zero pre-activation silences a unit only if act(0) = 0 (SiLU, GELU, ReLU do)
+    act = getattr(config, "hidden_act", None) or config.activation_function
+    zero_is_silent = bool(ACT2FN[act](torch.zeros(1)).eq(0).all())
+    gated = "gate" in layout.targets
     for b, layer in enumerate(layers):
         lin = {t: layer.get_submodule(p) for t, p in layout.linears}
-        unit_dead = _zero_rows(lin["up"]) | lin["down"].weight.eq(0).all(dim=0)
-        if gate_zero_is_silent:
-            unit_dead |= _zero_rows(lin["gate"])
+        unit_dead = lin["down"].weight.eq(0).all(dim=0)
+        if gated:  # up·act(gate): a zero up row silences the unit whatever the activation
+            unit_dead |= _zero_rows(lin["up"])
+        if zero_is_silent:
+            unit_dead |= _zero_rows(lin["gate" if gated else "up"])
         units = _keep_at_least_one(~unit_dead).nonzero().flatten()
         o_dead = lin["o"].weight.eq(0).all(dim=0).view(heads, head_dim).all(dim=1)
         v_dead = _zero_rows(lin["v"]).view(kv_heads, head_dim).all(dim=1)
         head_dead = o_dead | v_dead.repeat_interleave(n_rep)
         groups = _keep_at_least_one(~head_dead.view(kv_heads, n_rep).all(dim=1)).nonzero().flatten()
         q_heads = (groups[:, None] * n_rep + torch.arange(n_rep)[None, :]).flatten()
-        if len(units) == config.intermediate_size and len(groups) == kv_heads:
+        if len(units) == layout.ffn_size(config) and len(groups) == kv_heads:
             continue
 
         def dims(idx: torch.Tensor) -> torch.Tensor:
             return (idx[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
-        for t in ("gate", "up"):
+        for t in ("gate", "up") if gated else ("up",):
             _select(lin[t], rows=units)
         _select(lin["down"], cols=units)
         _select(lin["q"], rows=dims(q_heads))

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import (
     LlamaForCausalLM,
     MistralForCausalLM,
+    OPTForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2ForCausalLM,
@@ -68,15 +69,21 @@ class SharedQwen2ForCausalLM(SharedModelMixin, Qwen2ForCausalLM):
     """Qwen2 with shared blocks."""
 
 
+class SharedOPTForCausalLM(SharedModelMixin, OPTForCausalLM):
+    """OPT (pre-LN) with shared blocks."""
+
+
 SHARED_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llama": SharedLlamaForCausalLM,
     "mistral": SharedMistralForCausalLM,
     "qwen2": SharedQwen2ForCausalLM,
+    "opt": SharedOPTForCausalLM,
 }
 SOURCE_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,
+    "opt": OPTForCausalLM,
 }
 
 
@@ -167,21 +174,6 @@ def stack_config(
     return config
 
 
-def block_config(config: PretrainedConfig, shape: BlockShape | None) -> PretrainedConfig:
-    """The config a narrowed block's modules are built from (`config` itself for a full block).
-
-    The head dimension is pinned first: transformers derives it from hidden_size / heads otherwise.
-    """
-    if shape is None:
-        return config
-    narrowed = copy.deepcopy(config)
-    narrowed.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    narrowed.intermediate_size = shape.intermediate_size
-    narrowed.num_attention_heads = shape.num_attention_heads
-    narrowed.num_key_value_heads = shape.num_key_value_heads
-    return narrowed
-
-
 def _slot_config(source_config: PretrainedConfig, plan: Plan, layout: ArchLayout) -> PretrainedConfig:
     return stack_config(source_config, [s.block for s in plan.slots], layout)
 
@@ -202,7 +194,8 @@ def check_plan_fits(plan: Plan, config: PretrainedConfig) -> ArchLayout:
             f"({config.num_hidden_layers} layers)"
         )
     plan.validate(layout.matrix_shapes(config))
-    full = (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
+    whole = layout.full_shape(config)
+    full = (whole.intermediate_size, whole.num_attention_heads, whole.num_key_value_heads)
     for b, shape in plan.block_shapes.items():
         sizes = (shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads)
         if any(n > m for n, m in zip(sizes, full, strict=True)):
@@ -242,14 +235,7 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = 
     src_layers = _layers(source, layout)
     config = _slot_config(source.config, plan, layout)
     slots = [
-        _build_slot(
-            i,
-            spec,
-            block_config(config, plan.block_shapes.get(spec.block)),
-            layout,
-            src_layers,
-            init_slot_params,
-        )
+        _build_slot(i, spec, config, plan.block_shapes.get(spec.block), layout, src_layers, init_slot_params)
         for i, spec in enumerate(plan.slots)
     ]
     model = skeleton(SHARED_CLASSES[layout.model_type], config, top=source, layers=nn.ModuleList(slots))
@@ -280,13 +266,15 @@ def _build_slot(
     index: int,
     spec: SlotSpec,
     config: PretrainedConfig,
+    shape: BlockShape | None,
     layout: ArchLayout,
     src_layers: nn.ModuleList,
     init_slot_params: bool,
 ) -> nn.Module:
     src = src_layers[spec.block]
     with torch.device("meta"):
-        layer = type(src)(config, layer_idx=index)
+        layer = type(src)(layout.block_config(config, shape), layer_idx=index)
+        layout.narrow_layer(layer, config, shape)
     # The block's weights: the very same Parameter objects (stored once, trained once), of the sizes
     # the plan gives the block (a narrowed block's tensors are smaller than the source config's).
     for name, p in src.named_parameters():
@@ -433,25 +421,19 @@ def expected_trainable(plan: Plan, config: PretrainedConfig, rule: str) -> int:
         if s.adapter
         for t in s.adapter.targets
     )
-    norms = sum(
-        (2 * h if s.out_norm else 0) + (len(layout.norms) * h if s.own_norms else 0) for s in plan.slots
-    )
+    # a block norm is a weight (RMSNorm) or a weight and a bias (LayerNorm); an output norm a weight
+    block_norms = len(layout.norms) * layout.norm_param_count(config)
+    norms = sum((2 * h if s.out_norm else 0) + (block_norms if s.own_norms else 0) for s in plan.slots)
     if rule == "adapters":
         return adapters
     if rule == "adapters+norms":
         return adapters + norms
     # A block's own norms are stored only if some slot running it uses them (own_norms=False).
-    block_norms = len(layout.norms) * h
     uses_block_norms = {s.block for s in plan.slots if not s.own_norms}
     blocks = sum(
         layout.block_param_count(config, plan.block_shapes.get(b)) - block_norms for b in plan.physical_blocks
     )
-    return adapters + norms + blocks + block_norms * len(uses_block_norms) + _top_param_count(config)
-
-
-def _top_param_count(config: PretrainedConfig) -> int:
-    emb = config.vocab_size * config.hidden_size
-    return emb + config.hidden_size + (0 if config.tie_word_embeddings else emb)
+    return adapters + norms + blocks + block_norms * len(uses_block_norms) + layout.top_param_count(config)
 
 
 def set_trainable(model: PreTrainedModel, rule: str) -> int:
@@ -542,7 +524,7 @@ def materialize(model: PreTrainedModel, *, keep_output_norm: bool = False) -> Pr
     cls = (KEPT_NORM_CLASSES if with_norm else SOURCE_CLASSES)[layout.model_type]
     plain = skeleton(cls, config, top=model, copy_top=True, layers=nn.ModuleList(new_layers))
     if config.tie_word_embeddings:
-        plain.lm_head.weight = plain.model.embed_tokens.weight
+        plain.get_output_embeddings().weight = plain.get_input_embeddings().weight
     plain.generation_config = copy.deepcopy(model.generation_config)
     plain.train(model.training)
     return plain

@@ -17,7 +17,6 @@ from transformers import PreTrainedModel
 
 from flexigpt.shared.engine.apply import (
     SOURCE_CLASSES,
-    _top_param_count,
     iter_slot_params,
     stored_param_count,
 )
@@ -34,7 +33,9 @@ def dense_param_count(model: PreTrainedModel) -> int:
     Output feature norms are not counted: the plain architecture has no place for them.
     """
     cfg = model.source_config
-    return _top_param_count(cfg) + model.plan.num_slots * get_layout(cfg).block_param_count(cfg)
+    return get_layout(cfg).top_param_count(cfg) + model.plan.num_slots * get_layout(cfg).block_param_count(
+        cfg
+    )
 
 
 def model_card(model: PreTrainedModel, name: str, *, with_tokenizer: bool = False) -> str:

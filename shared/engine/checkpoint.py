@@ -318,7 +318,7 @@ def load_compact(
                 else:
                     _set_param(source, key, nn.Parameter(t))
     if base.tie_word_embeddings:
-        source.lm_head.weight = source.model.embed_tokens.weight
+        source.get_output_embeddings().weight = source.get_input_embeddings().weight
     model = apply_plan(source, plan, init_slot_params=False)
     want = {(i, name): p for i, name, _, p in iter_slot_params(model)}
     missing, extra = sorted(set(want) - set(slot_tensors)), sorted(set(slot_tensors) - set(want))

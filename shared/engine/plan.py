@@ -115,7 +115,7 @@ class Plan:
     """The slot stack of a shared-block model."""
 
     model_type: str
-    """transformers model_type of the source model (llama, mistral, qwen2)."""
+    """transformers model_type of the source model (llama, mistral, qwen2, opt)."""
     num_source_layers: int
     """Number of decoder blocks of the source model."""
     slots: tuple[SlotSpec, ...]
@@ -175,7 +175,7 @@ class Plan:
 
         Args:
             matrix_shapes: optional (out, in) shape of each target linear (short name -> shape),
-                used to bound adapter ranks.
+                used to bound adapter ranks; its keys are the targets the architecture has.
 
         Returns:
             The plan itself, so calls can be chained.
@@ -355,6 +355,10 @@ def _validate_adapter(
             raise PlanError(f"{where}.rank_pattern[{t!r}]={r!r}: must be an integer >= 1")
     if matrix_shapes:
         for t in a.targets:
+            if t not in matrix_shapes:  # the architecture has no such linear (OPT has no gate)
+                raise PlanError(
+                    f"{where}.targets: {t!r} does not exist in this architecture; allowed: {list(matrix_shapes)}"
+                )
             out_f, in_f = matrix_shapes[t]
             r = a.rank_for(t)
             if r > min(out_f, in_f):

@@ -1,7 +1,8 @@
 """Small random models of every supported architecture, built locally (no download).
 
 Used by the tests, the benchmarks and the quickstart. Each architecture variant exercises what
-makes it different: MHA vs GQA, tied embeddings, q/k/v biases, sliding-window layers.
+makes it different: MHA vs GQA, tied embeddings, q/k/v biases, sliding-window layers, OPT's
+LayerNorms with bias, biased linears, gate-free ReLU MLP and learned positions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # name -> (model_type, extra config). "llama2" is MHA, "llama3" GQA with tied embeddings
-# (TinyLlama-like), "mistral" GQA with a sliding window, "qwen2" q/k/v biases + sliding layers.
+# (TinyLlama-like), "mistral" GQA with a sliding window, "qwen2" q/k/v biases + sliding layers,
+# "opt" pre-LN OPT (tied embeddings, every linear and norm with a bias).
 TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama2": ("llama", {"num_key_value_heads": 4}),
     "llama3": ("llama", {"num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 500000.0}),
@@ -21,6 +23,7 @@ TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         "qwen2",
         {"num_key_value_heads": 2, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2},
     ),
+    "opt": ("opt", {"do_layer_norm_before": True, "dropout": 0.0, "attention_dropout": 0.0}),
 }
 
 
@@ -54,6 +57,10 @@ def tiny_config(
     if extra.get("num_key_value_heads", heads) > heads:
         kw["num_key_value_heads"] = heads
     kw.update(overrides)
+    if model_type == "opt":
+        kw["ffn_dim"] = kw.pop("intermediate_size")
+        kw["word_embed_proj_dim"] = kw["hidden_size"]
+        kw.pop("num_key_value_heads", None)
     cfg = AutoConfig.for_model(model_type, **kw)
     cfg._attn_implementation = "eager"
     return cfg
@@ -66,7 +73,7 @@ def tiny_model(arch: str = "llama2", *, seed: int = 0, **kw: Any) -> PreTrainedM
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith("norm.weight") or "layernorm" in name or "layer_norm.weight" in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.02)

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from flexigpt.shared.engine.apply import apply_plan, set_trainable
 from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.recipe import ModelSection, RecipeError, TrainSection
 
@@ -164,7 +165,7 @@ def make_trainable(
     Args:
         model: a shared-block model.
         rule: adapters | adapters+norms | all (see ``engine.set_trainable``, which checks the count).
-        layers: slot indices (``model.layers``) whose parameters may train; None: every slot.
+        layers: slot indices (the decoder stack, ``model.layers``) whose parameters may train; None: every slot.
             Parameters outside the decoder stack (embeddings, final norm, head) are frozen then.
         head: with `layers`, the LM head and the final norm train too.
 
@@ -176,7 +177,8 @@ def make_trainable(
     """
     count = set_trainable(model, rule)
     if layers is not None:
-        stack = model.get_submodule("model.layers")
+        layout = get_layout(model.config)
+        stack = model.get_submodule(layout.layers_path)
         bad = [i for i in layers if not 0 <= i < len(stack)]
         if bad:
             raise RecipeError(
@@ -184,7 +186,7 @@ def make_trainable(
             )
         keep = {id(p) for i in layers for p in stack[i].parameters()}
         if head:
-            top = [model.get_output_embeddings(), model.get_submodule("model.norm")]
+            top = [model.get_output_embeddings(), model.get_submodule(layout.final_norm)]
             keep |= {id(p) for m in top for p in m.parameters()}
         for p in model.parameters():
             p.requires_grad_(p.requires_grad and id(p) in keep)
@@ -236,8 +238,9 @@ def flop_count(model: PreTrainedModel, seq_len: int) -> FlopCount:
     checkpointing) is not counted either, as MFU is defined.
     """
     cfg = model.config
-    layers = model.get_submodule("model.layers")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layout = get_layout(cfg)
+    layers = model.get_submodule(layout.layers_path)
+    head_dim = layout.head_dim(cfg)
     attn = seq_len * cfg.num_attention_heads * head_dim
     head_w = model.get_output_embeddings().weight
     head = _matrix_numel(head_w)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flexigpt.shared.engine.apply import apply_plan, materialize, stored_param_count
+from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import AdapterSpec, OutNormSpec, Plan, SlotSpec
 from flexigpt.shared.engine.tiny import tiny_model
 from flexigpt.shared.speculative import (
@@ -22,6 +23,8 @@ from flexigpt.shared.speculative import (
     skipped_slots,
     speculative_generate,
 )
+
+from ..conftest import ARCHS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,6 +36,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+ALL_ARCHS = [*ARCHS, "opt"]
 PROMPT = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
 NEW = 24  # prompt 10 + 24 new tokens crosses the tiny mistral / qwen2 sliding window (16)
 
@@ -43,15 +47,15 @@ def _peaked(model: torch.nn.Module) -> torch.nn.Module:
     # would make "identical tokens" a test of rounding. Embeddings of unit scale and a larger head
     # give the proportions of a trained model: copies perturb, margins are far above rounding.
     with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(50.0)
+        model.get_input_embeddings().weight.mul_(50.0)
         if not model.config.tie_word_embeddings:
-            model.lm_head.weight.mul_(20.0)
+            model.get_output_embeddings().weight.mul_(20.0)
     return model
 
 
 def grown_plan(model_type: str, gamma: float = 0.2) -> Plan:
     """6 slots over 4 blocks (FlexiGPT Block pattern on blocks 1 and 3): copies carry LoRA + output norm."""
-    ad = AdapterSpec(4, init="lora")
+    ad = AdapterSpec(4, get_layout(model_type).targets, init="lora")
     on = OutNormSpec(gamma)
     return Plan(
         model_type,
@@ -70,7 +74,8 @@ def grown_plan(model_type: str, gamma: float = 0.2) -> Plan:
 def pruned_plan(model_type: str, gamma: float = 0.2) -> Plan:
     """Block 1 removed and replaced, at its position, by a slot running block 2 (its base): the
     replacement comes *before* the owner slot of block 2, so it is not a "later occurrence"."""
-    rep = SlotSpec(2, adapter=AdapterSpec(4, init="svd", svd_from=1), out_norm=OutNormSpec(gamma))
+    ad = AdapterSpec(4, get_layout(model_type).targets, init="svd", svd_from=1)
+    rep = SlotSpec(2, adapter=ad, out_norm=OutNormSpec(gamma))
     return Plan(model_type, 4, (SlotSpec(0), rep, SlotSpec(2), SlotSpec(3)))
 
 
@@ -87,6 +92,7 @@ def test_draft_slots_cover_grown_pruned_and_plain_stacking():
         draft_slots(Plan.identity("llama", 4))
 
 
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_draft_shares_every_parameter_and_equals_the_shortgpt_model(arch):
     model = apply_plan(tiny_model(arch), pruned_plan(tiny_model(arch).config.model_type))
     before = stored_param_count(model)
@@ -108,6 +114,7 @@ def test_draft_shares_every_parameter_and_equals_the_shortgpt_model(arch):
 
 
 # ------------------------------------------------------------------------------------ greedy
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("kind", ["grown", "pruned"])
 def test_greedy_gives_the_tokens_of_plain_decoding(arch, kind):
     source = _peaked(tiny_model(arch))
@@ -126,8 +133,8 @@ def test_greedy_gives_the_tokens_of_plain_decoding(arch, kind):
         accepted += s.accepted
         proposed += s.proposed
     assert accepted > 0, "the draft never agreed: the test would not exercise acceptance"
-    # the tied-embedding llama3 variant agrees everywhere; on the others rejections must happen too
-    assert accepted < proposed or arch == "llama3", "the draft never disagreed: no rollback tested"
+    # the tied-embedding variants (llama3, opt) agree everywhere; on the others rejections must happen too
+    assert accepted < proposed or arch in ("llama3", "opt"), "the draft never disagreed: no rollback tested"
     plain = speculative_generate(model, PROMPT, NEW, 0, eos_token_id=None, draft=draft)
     assert torch.equal(plain.sequences, ref) and plain.stats.rounds == NEW
 

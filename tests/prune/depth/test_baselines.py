@@ -150,7 +150,7 @@ def test_unknown_method_lists_the_registered_ones() -> None:
         get_baseline("nope")
 
 
-@pytest.mark.parametrize("arch", ["llama2", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama2", "llama3", "mistral", "qwen2", "opt"])
 def test_keep_blocks_equals_skipping_them_and_round_trips(arch: str, tmp_path: Path) -> None:
     from flexigpt.prune.depth.baselines.sleb import _skip
 

@@ -17,6 +17,7 @@ from flexigpt.prune.depth.importance import (
 )
 from flexigpt.prune.depth.replace import shortgpt_plan
 from flexigpt.shared.engine.apply import apply_plan
+from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.tiny import TINY_ARCHS, tiny_model
 from flexigpt.shared.evaluate.perplexity import sample_perplexity
 
@@ -32,11 +33,16 @@ def _samples(n: int = 3, length: int = 24, seed: int = 0) -> list[torch.Tensor]:
 
 
 def _make_identity(model: torch.nn.Module, block: int) -> None:
-    """Zero the attention and MLP output projections: the block then returns its input exactly."""
-    layer = model.model.layers[block]
+    """Zero the attention and MLP output projections (and their biases, as OPT's): the block then
+    returns its input exactly."""
+    layout = get_layout(model.config)
+    layer = model.get_submodule(layout.layers_path)[block]
     with torch.no_grad():
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
+        for path in (layout.attn_out, layout.mlp_out):
+            out = layer.get_submodule(path)
+            out.weight.zero_()
+            if out.bias is not None:
+                out.bias.zero_()
 
 
 @pytest.mark.parametrize("arch", list(TINY_ARCHS))

@@ -178,3 +178,21 @@ def test_result_round_trip_and_plots(drifting: Callable[..., BlockSource], tmp_p
     for png in (heat, bars):
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_opt_sources_compare_its_six_linears_with_or_without_the_model_prefix(tmp_path: Path) -> None:
+    model = tiny_model("opt", num_layers=3)
+    model.save_pretrained(tmp_path / "causal")
+    # the original OPT files hold the base model's names (decoder.layers.0..., no leading model.)
+    model.model.save_pretrained(tmp_path / "base")
+    sources = [
+        source_from_model(model),
+        source_from_safetensors(tmp_path / "causal"),
+        source_from_safetensors(tmp_path / "base"),
+        source_from_state_dict(model.model.state_dict(), "opt", 3),
+    ]
+    assert sources[0].targets == ("q", "k", "v", "o", "up", "down")
+    for src in sources[1:]:
+        assert src.targets == sources[0].targets
+        for t, w in src(1).items():
+            assert torch.equal(w, sources[0](1)[t])

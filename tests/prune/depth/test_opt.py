@@ -1,0 +1,60 @@
+"""Depth pruning of OPT end to end: recipes/prune/local-tiny.yaml on a tiny OPT, --prune-only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, OPTForCausalLM
+
+import flexigpt.shared  # noqa: F401  (registers the compact format with the Auto classes)
+from flexigpt.prune.cli import main
+from flexigpt.shared.engine.tiny import tiny_model
+
+from ...kit import write_workspace
+from ..conftest import prune_overrides
+
+RECIPE = str(Path(__file__).resolve().parents[3] / "recipes" / "prune" / "local-tiny.yaml")
+OPT_TARGETS = "prune.replace.targets=[q,k,v,o,up,down]"
+
+
+def test_opt_prunes_to_every_variant_and_gate_is_refused_first(tmp_path, capsys) -> None:
+    ws = write_workspace(tmp_path / "ws", num_layers=6, arch="opt")
+    out = tmp_path / "run"
+    # the recipe's default targets name gate: refused before anything is computed or written
+    assert main([RECIPE, *prune_overrides(ws, out, "--prune-only")]) == 2
+    err = capsys.readouterr().err
+    assert "prune.replace.targets=" in err and "allowed: ['q', 'k', 'v', 'o', 'up', 'down']" in err
+    assert not out.exists()
+    tiny_model("opt", num_layers=6, hidden=32, do_layer_norm_before=False).save_pretrained(tmp_path / "post")
+    post = (f"model.source={tmp_path / 'post'}", OPT_TARGETS, "--prune-only")
+    assert main([RECIPE, *prune_overrides(ws, out, *post)]) == 2
+    assert "do_layer_norm_before=false, as facebook/opt-350m" in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main([RECIPE, *prune_overrides(ws, out, OPT_TARGETS, "--prune-only")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["removed"]) == 2
+    ids = torch.randint(3, 40, (1, 20), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name in ("flexigpt", "shortgpt", "shortgpt_lora"):
+        model = AutoModelForCausalLM.from_pretrained(out / name / "initial", attn_implementation="eager")
+        assert type(model).__name__ == "SharedOPTForCausalLM"
+        assert sum(p.numel() for p in model.parameters()) == summary["variants"][name]["stored_params"]
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids).logits
+        assert torch.isfinite(logits[name]).all()
+    plain = OPTForCausalLM.from_pretrained(out / "shortgpt" / "initial_plain", attn_implementation="eager")
+    assert plain.config.num_hidden_layers == 4
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, logits["shortgpt"], rtol=1e-5, atol=1e-5)
+
+
+def test_compare_refuses_gate_on_opt_before_writing(tmp_path, capsys) -> None:
+    ws = write_workspace(tmp_path / "ws", num_layers=6, arch="opt")
+    recipe = str(Path(RECIPE).with_name("compare-local-tiny.yaml"))
+    out = tmp_path / "cmp"
+    assert main([recipe, *prune_overrides(ws, out, "compare.recovery=none")]) == 2
+    assert "compare.replace.targets=" in capsys.readouterr().err
+    assert not out.exists()
