@@ -70,7 +70,13 @@ def test_shrunk_opt_equals_the_zero_masked_one(tmp_path) -> None:
 def test_the_command_prunes_a_tiny_opt(tmp_path) -> None:
     ws = write_workspace(tmp_path / "ws", num_layers=3, arch="opt")
     out = tmp_path / "run"
-    extra = ("surgeon.methods=[surgeon]", "surgeon.shots=2", "surgeon.save_sizes=[]")
+    # the first-order correction on too: OPT has no gate, so its adapters go on the six linears it has
+    extra = (
+        "surgeon.methods=[surgeon]",
+        "surgeon.shots=2",
+        "surgeon.save_sizes=[]",
+        "surgeon.lora.enabled=true",
+    )
     assert main([RECIPE, *prune_overrides(ws, out, *extra)]) == 0
     v = json.loads((out / "summary.json").read_text())["variants"]["surgeon-70"]
     assert len(json.loads((out / "surgeon-70" / "sparsity.json").read_text())) == 3 * 6
