@@ -101,9 +101,12 @@ def models(
         if b >= blocks - extra:
             specs.append(SlotSpec(b, adapter=ad, out_norm=OutNormSpec(0.1), own_norms=True))
     reusing = [i for i, s in enumerate(specs) if s.adapter is not None]
-    shared = apply_plan(tiny_model("llama2", num_layers=blocks, **size), Plan("llama", blocks, tuple(specs)))
-    shared = shared.to(device, dtype)
-    dense = tiny_model("llama2", num_layers=slots, **size).to(device, dtype)
+    with torch.device(device):  # built where they run: a GPU-sized fp32 init on the CPU takes minutes
+        shared = apply_plan(
+            tiny_model("llama2", num_layers=blocks, **size), Plan("llama", blocks, tuple(specs))
+        )
+        dense = tiny_model("llama2", num_layers=slots, **size)
+    shared, dense = shared.to(device, dtype), dense.to(device, dtype)
     for m in (shared, dense):
         m.config._attn_implementation = "sdpa"
     with torch.no_grad():  # trained-looking adapters, so the export check below means something
