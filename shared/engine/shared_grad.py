@@ -12,7 +12,9 @@ as with plain autograd, and adds into an existing ``.grad`` (gradient accumulati
 
 The use that runs backward last is the one that ran forward first: in a decoder stack every later
 slot's input depends on an earlier slot's output. That order is checked; a backward in another
-order raises instead of dropping a contribution.
+order raises instead of dropping a contribution. So does a backward from an intermediate output
+(the hidden state of a middle slot) while the shared weights train, since it starts below the
+pass's last use: turn the path off for that (``set_grad_accumulation(model, False)``).
 
 Plain ``F.linear`` is used whenever the path does not apply: the weight is frozen (the default
 trainable set, ``adapters+norms``, pays nothing), gradients are off, DeepSpeed ZeRO-3 partitions
@@ -50,7 +52,7 @@ class GradPass:
         self.current: dict[int, _Accumulator] | None = None
 
     def open(self, module: nn.Module, *_: Any) -> None:
-        """Forward pre-hook of the decoder: a new pass, unless it recomputes in backward."""
+        """Forward pre-hook of the decoder: a new pass, unless the decoder checkpoints its layers."""
         checkpointing = module.training and getattr(module, "gradient_checkpointing", False)
         self.current = {} if self.enabled and not checkpointing else None
 
@@ -80,8 +82,9 @@ class _SharedLinearFn(torch.autograd.Function):
         expected = acc.next_use or acc.uses
         if ctx.use != expected:
             raise RuntimeError(
-                f"shared linear: use {ctx.use} of a shared weight ran backward where use {expected} was due; "
-                "its slots do not form a stack whose later slots depend on earlier ones"
+                f"shared linear: use {ctx.use} of a shared weight ran backward where use {expected} was due "
+                "(a backward from a middle slot's output, or slots that do not form a stack); "
+                "flexigpt.shared.engine.shared_grad.set_grad_accumulation(model, False) sums in autograd instead"
             )
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
