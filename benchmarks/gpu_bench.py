@@ -22,8 +22,8 @@ Parts (each time-boxed; what a part could not fit in its box is recorded under `
 Every run records ``torch.cuda.max_memory_allocated`` as its peak. ``--tiny`` runs the same code
 with tiny shapes and a few steps on the CPU (a check of the script, not a figure).
 
-    python benchmarks/gpu_bench.py --out gpu_bench.json            # one H100 / H200, < 10 minutes
-    python benchmarks/gpu_bench.py --tiny --out /tmp/tiny.json     # CPU, well under a minute
+    python benchmarks/gpu_bench.py --out gpu_bench.json            # one H100 / H200, budget 540 s
+    python benchmarks/gpu_bench.py --tiny --out /tmp/tiny.json     # CPU: about 40 s of CPU time
 """
 
 from __future__ import annotations
