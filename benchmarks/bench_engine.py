@@ -10,8 +10,8 @@ min-max of per-pair ratios, as benchmarks/README.md asks):
    adapters and slot norms; the dense side trains the norms of the same slots, so both backward
    passes reach equally deep and only the adapters' own gradients are extra);
 2. with ``all``, the shared step with its shared weights' gradients summed inside the GEMMs
-   (``SharedLinear``, the default) over the same model summing them in autograd
-   (``set_grad_accumulation(model, False)``, the plain path);
+   (``SharedLinear`` with ``set_grad_accumulation(model, True)``) over the same model summing
+   them in autograd (the default path); ``--grad-sum`` picks the path of the figures in 1;
 3. inference forward of the shared model over its materialised copy (same slots, adapters merged
    into private weights; output norms kept as modules on both sides, so the difference is what
    sharing + unmerged adapters cost).
@@ -154,10 +154,12 @@ def engine_figures(
     dtype: str,
     trainable: tuple[str, ...] = TRAINABLE,
     clock: str = "wall",
+    grad_sum: str = "autograd",
 ) -> dict[str, Any]:
     """Every ratio of the module docstring, as ``summary`` dicts, with the setting they were measured in."""
     shared, dense, reusing = models(hidden, heads, blocks, slots, rank, seq, device, getattr(torch, dtype))
     tick = CLOCKS[clock]
+    set_grad_accumulation(shared, grad_sum == "gemm")  # the path of the shared/dense figures
     x = torch.randint(3, 1024, (batch, seq), device=device)
     out: dict[str, Any] = {
         "setting": {
@@ -165,6 +167,7 @@ def engine_figures(
             "dtype": dtype,
             "threads": torch.get_num_threads(),
             "clock": clock,
+            "grad_sum": grad_sum,
             "hidden": hidden,
             "heads": heads,
             "blocks": blocks,
@@ -192,7 +195,7 @@ def engine_figures(
                 step()
 
             ratios = interleaved(summed_by_autograd, summed_in_gemm, pairs, warmup, device, tick)
-            set_grad_accumulation(shared, True)
+            set_grad_accumulation(shared, grad_sum == "gemm")
             out["grad_sum_in_gemm_over_autograd"] = summary(ratios)
     shared.zero_grad(set_to_none=True)
     dense.zero_grad(set_to_none=True)
@@ -229,7 +232,7 @@ def profile_lines(shared: Any, x: torch.Tensor, steps: int = 3) -> list[str]:
                     f"{e.count // steps} calls/step, {100 * e.self_cpu_time_total / total:.1f}% of the step"
                 )
         lines.append(f"profile ({name}): step self CPU total {total / 1e3 / steps:.1f} ms")
-    set_grad_accumulation(shared, True)
+    set_grad_accumulation(shared, False)
     return lines
 
 
@@ -249,6 +252,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--trainable", default=",".join(TRAINABLE), help=f"comma list of {list(TRAINABLE)}")
     ap.add_argument("--clock", default="wall", choices=list(CLOCKS), help="cpu: process CPU time (CPU runs)")
+    ap.add_argument(
+        "--grad-sum",
+        default="autograd",
+        choices=["autograd", "gemm"],
+        help="how the shared/dense figures sum shared weight gradients (autograd: the default path)",
+    )
     ap.add_argument("--profile", action="store_true", help="also profile the shared step (CPU ops)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -266,10 +275,12 @@ def main() -> None:
         dtype=args.dtype,
         trainable=rules,
         clock=args.clock,
+        grad_sum=args.grad_sum,
     )
     what = f"{args.slots} slots over {args.blocks} blocks, r={args.rank}, hidden {args.hidden}, seq {args.seq}x{args.batch}"
     print(
-        f"device {args.device}, {args.dtype}, threads {torch.get_num_threads()}, {args.clock} clock; "
+        f"device {args.device}, {args.dtype}, threads {torch.get_num_threads()}, {args.clock} clock, "
+        f"shared/dense with {args.grad_sum} gradient sum; "
         f"max |logit diff| export vs shared {res['max_abs_logit_diff']:.2e}"
     )
     rows = [(f"shared/dense step time ({r} trainable)", f"train_{r}", 1.03) for r in rules]

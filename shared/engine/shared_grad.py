@@ -20,7 +20,12 @@ Plain ``F.linear`` is used whenever the path does not apply: the weight is froze
 trainable set, ``adapters+norms``, pays nothing), gradients are off, DeepSpeed ZeRO-3 partitions
 the weight (its module hooks gather it), the stack recomputes activations (gradient
 checkpointing replays forward inside backward), no pass is open (a slot called outside its
-model's forward), or ``set_grad_accumulation(model, False)`` turned it off.
+model's forward), or the path is off.
+
+The path is off by default: on the CPU the GEMM with beta = 1 cost about what the add it replaces
+cost (docs/engine.md, "Cost of sharing"), and its GPU figure is not measured yet.
+``set_grad_accumulation(model, True)`` or the recipe key ``train.shared_grad_in_gemm: true``
+turns it on.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class GradPass:
     """The accumulators of one model's current forward pass (hooks on the decoder open and close it)."""
 
     def __init__(self) -> None:
-        self.enabled = True
+        self.enabled = False  # opt-in: set_grad_accumulation(model, True) or train.shared_grad_in_gemm
         self.current: dict[int, _Accumulator] | None = None
 
     def open(self, module: nn.Module, *_: Any) -> None:
@@ -133,7 +138,7 @@ def make_shared_linear(linear: nn.Linear, grad_pass: GradPass) -> SharedLinear:
 
 
 def set_grad_accumulation(model: nn.Module, enabled: bool) -> None:
-    """Turn the in-GEMM accumulation of shared weight gradients on or off (on by default)."""
+    """Turn the in-GEMM accumulation of shared weight gradients on or off (off by default)."""
     for m in model.modules():
         if isinstance(m, SharedLinear):
             m.grad_pass.enabled = enabled

@@ -34,6 +34,7 @@ def _model(arch: str = "llama2", rule: str = "all") -> nn.Module:
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     set_trainable(model, rule)
+    set_grad_accumulation(model, True)
     return model.train()
 
 
@@ -46,6 +47,8 @@ def _grads(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Ten
 
 @pytest.mark.parametrize("arch", ["llama2", "qwen2"])  # qwen2: q/k/v biases shared too
 def test_gradients_match_plain_autograd_over_accumulation_steps(arch: str) -> None:
+    stack = apply_plan(tiny_model(arch), Plan.identity(tiny_model(arch).config.model_type, 4))
+    assert not any(isinstance(m, SharedLinear) for m in stack.modules())  # no block runs twice
     model = _model(arch)
     plain = copy.deepcopy(model)
     set_grad_accumulation(plain, False)

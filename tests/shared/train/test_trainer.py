@@ -88,7 +88,7 @@ def test_zero_shared_parameters_get_the_gradients_of_every_slot(stage: str, ws) 
     import deepspeed
 
     from flexigpt.shared.engine.apply import canonical_name, materialize, set_trainable
-    from flexigpt.shared.engine.shared_grad import SharedLinear
+    from flexigpt.shared.engine.shared_grad import SharedLinear, set_grad_accumulation
     from flexigpt.shared.recipe import TrainSection
     from flexigpt.shared.train.components import build_model, build_optimizer, init_distributed, launcher_env
     from flexigpt.shared.train.ds_config import build_ds_config, load_ds_config
@@ -99,6 +99,7 @@ def test_zero_shared_parameters_get_the_gradients_of_every_slot(stage: str, ws) 
     model = build_model(r.model, torch.float32)
     set_trainable(model, "all")
     assert isinstance(model.model.layers[1].mlp.up_proj, SharedLinear)
+    set_grad_accumulation(model, True)
     with torch.no_grad():  # non-zero adapters, so the slots' inputs differ from the dense model's at init
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -232,6 +233,23 @@ def test_export_from_a_checkpoint_without_an_engine(ws, tmp_path: Path) -> None:
     twin = AutoModelForCausalLM.from_pretrained(again)
     for (n, p), (_, q) in zip(compact.named_parameters(), twin.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_the_in_gemm_gradient_sum_is_a_recipe_key(ws, tmp_path: Path) -> None:
+    from flexigpt.shared.train.components import build_model
+
+    recipe = recipe_from_dict(
+        recipe_dict(
+            ws, tmp_path / "run", trainable="all", max_steps=2, checkpoint_every=2, shared_grad_in_gemm=True
+        )
+    )
+    model = build_model(recipe.model, torch.float32)
+    q = model.model.layers[1].self_attn.q_proj
+    before = q.weight.detach().clone()
+    assert not q.grad_pass.enabled  # off unless the recipe asks
+    res = train(recipe, model=model)
+    assert q.grad_pass.enabled and res.step == 2 and torch.isfinite(torch.tensor(res.last_loss))
+    assert not torch.equal(q.weight.detach(), before)  # the shared block trained
 
 
 def test_trainable_layers_restrict_the_rule(ws) -> None:
