@@ -62,6 +62,8 @@ class Args:
     kv_heads: int = 4
     device: str = "cpu"
     dtype: str = "float32"
+    intermediate: int | None = None  # SwiGLU width; None: 2.75 x hidden (TinyLlama's ratio)
+    max_positions: int = 1024
 
 
 def grown_plan(blocks: int, repeat: dict[int, int], a: Args, gamma: float) -> Plan:
@@ -74,8 +76,8 @@ def grown_plan(blocks: int, repeat: dict[int, int], a: Args, gamma: float) -> Pl
     return Plan("llama", blocks, tuple(slots), notes={"pattern": "block"})
 
 
-def pruned_plan(blocks: int, removed: range, a: Args) -> Plan:
-    """Each removed block i -> slot i running the nearest kept block, SVD adapter from i, output norm."""
+def pruned_plan(blocks: int, removed: range, a: Args, init: str = "svd") -> Plan:
+    """Each removed block i -> slot i running the nearest kept block, adapter (SVD from i by default), output norm."""
     kept = [b for b in range(blocks) if b not in removed]
     slots = []
     for i in range(blocks):
@@ -83,7 +85,7 @@ def pruned_plan(blocks: int, removed: range, a: Args) -> Plan:
             slots.append(SlotSpec(i))
             continue
         base = min(kept, key=lambda j: (abs(j - i), j))
-        ad = AdapterSpec(a.rank, init="svd", svd_from=i)
+        ad = AdapterSpec(a.rank, init=init, svd_from=i if init == "svd" else None)
         slots.append(SlotSpec(base, adapter=ad, out_norm=OutNormSpec(a.gamma)))
     return Plan("llama", blocks, tuple(slots), notes={"removed": list(removed)})
 
@@ -95,9 +97,9 @@ def build(blocks: int, plan: Plan, a: Args) -> torch.nn.Module:
         num_layers=blocks,
         hidden=a.hidden,
         heads=a.heads,
-        intermediate=int(a.hidden * 2.75),
+        intermediate=a.intermediate or int(a.hidden * 2.75),
         vocab=a.vocab,
-        max_positions=1024,
+        max_positions=a.max_positions,
         num_key_value_heads=a.kv_heads,
         tie_word_embeddings=False,
         seed=0,

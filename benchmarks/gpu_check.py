@@ -25,9 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))  # the tiny workspace builders live with the tests
 
-from tests.shared.trainkit import recipe_dict, workspace, write_recipe  # noqa: E402
-
 from flexigpt.shared.engine.checkpoint import load_compact  # noqa: E402
+from tests.shared.train.trainkit import recipe_dict, workspace, write_recipe  # noqa: E402
 
 
 def run(

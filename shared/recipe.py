@@ -258,6 +258,11 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    shared_grad_in_gemm: bool = Field(
+        False,
+        description="With shared blocks trainable: add each extra slot's weight gradient inside its GEMM "
+        "(addmm, beta = 1) instead of autograd's weight-sized add; docs/engine.md, 'Cost of sharing'.",
+    )
     seed: int = Field(0, description="Seed of torch / numpy / random on every rank (offset by rank).")
     log_every: int = Field(10, ge=1, description="Steps between TensorBoard scalars.")
     eval_every: int = Field(

@@ -31,6 +31,7 @@ from flexigpt.shared.engine.adapters import OutputNorm, SharedLoraLinear, init_l
 from flexigpt.shared.engine.layout import ArchLayout, get_layout
 from flexigpt.shared.engine.parts import ADAPTER, BLOCK, OUT_NORM, skeleton, slot_param_roles
 from flexigpt.shared.engine.plan import BlockShape, Plan, PlanError, SlotSpec
+from flexigpt.shared.engine.shared_grad import install_shared_linears
 
 
 class VerifyError(AssertionError):
@@ -239,6 +240,7 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = 
         for i, spec in enumerate(plan.slots)
     ]
     model = skeleton(SHARED_CLASSES[layout.model_type], config, top=source, layers=nn.ModuleList(slots))
+    install_shared_linears(model, layout.layers_path)
     model.plan = plan
     model.idle_block_norms = _idle_block_norms(plan, layout, src_layers)
     model.source_config = copy.deepcopy(source.config)

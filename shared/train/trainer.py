@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from flexigpt.shared.engine.shared_grad import set_grad_accumulation
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import BaseRecipe, RecipeError
 from flexigpt.shared.runguard import stop_with_launcher
@@ -226,6 +227,7 @@ def _train(
         )
     model.config.use_cache = False
     n_trainable = make_trainable(model, t.trainable, t.trainable_layers, t.trainable_head)
+    set_grad_accumulation(model, t.shared_grad_in_gemm)
     plan_json = model.plan.to_json()
     fpt = flops_per_token(model, seq_len)
     if t.gradient_checkpointing:

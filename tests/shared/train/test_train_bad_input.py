@@ -187,6 +187,16 @@ def test_seq_len_above_the_position_embeddings(capsys, ws, tmp_path: Path) -> No
     )
 
 
+def test_a_non_boolean_shared_grad_in_gemm(capsys, ws, tmp_path: Path) -> None:
+    path, out = _recipe(tmp_path, ws, shared_grad_in_gemm="sometimes")
+    capsys.readouterr()
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid recipe" in err and "Traceback" not in err, err
+    assert "train.shared_grad_in_gemm: Input should be a valid boolean" in err, err
+    assert not out.exists()
+
+
 def test_export_of_a_missing_checkpoint(capsys, tmp_path: Path) -> None:
     _refused(
         capsys, ["export", str(tmp_path / "none"), str(tmp_path / "exp")], r"none is neither a checkpoint"

@@ -77,11 +77,18 @@ def test_zero_trains_a_shared_block_model_and_the_loss_falls(stage: str, ws, tmp
         assert torch.equal(p.detach(), state[name]), name
 
 
-def test_zero3_shared_parameters_get_the_gradients_of_every_slot(ws) -> None:
-    """Under ZeRO-3, a block run by two slots gets the sum of both slots' gradients."""
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_zero_shared_parameters_get_the_gradients_of_every_slot(stage: str, ws) -> None:
+    """Under ZeRO-1/2/3, a block run by two slots gets the sum of both slots' gradients, over two micro-batches.
+
+    ZeRO-1/2 reduce a gradient in the hook of the Parameter's gradient accumulation, which the
+    in-GEMM summation of shared linears (``engine.shared_grad``) must call once with the full sum;
+    ZeRO-3 partitions the weights and takes plain linears.
+    """
     import deepspeed
 
     from flexigpt.shared.engine.apply import canonical_name, materialize, set_trainable
+    from flexigpt.shared.engine.shared_grad import SharedLinear, set_grad_accumulation
     from flexigpt.shared.recipe import TrainSection
     from flexigpt.shared.train.components import build_model, build_optimizer, init_distributed, launcher_env
     from flexigpt.shared.train.ds_config import build_ds_config, load_ds_config
@@ -91,13 +98,17 @@ def test_zero3_shared_parameters_get_the_gradients_of_every_slot(ws) -> None:
     torch.manual_seed(0)
     model = build_model(r.model, torch.float32)
     set_trainable(model, "all")
+    assert isinstance(model.model.layers[1].mlp.up_proj, SharedLinear)
+    set_grad_accumulation(model, True)
     with torch.no_grad():  # non-zero adapters, so the slots' inputs differ from the dense model's at init
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     dense = materialize(model, keep_output_norm=True).train()
-    batch = torch.randint(4, 128, (2, 32), generator=torch.Generator().manual_seed(1))
-    dense(input_ids=batch, labels=batch).loss.backward()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(4, 128, (2, 32), generator=gen) for _ in range(2)]
+    for batch in batches:  # the loss of each micro-batch is divided by the accumulation steps
+        (dense(input_ids=batch, labels=batch).loss / 2).backward()
     block1 = dict(model.model.layers[1].named_parameters())
     dense_grads = [
         {canonical_name(n): p.grad for n, p in dense.model.layers[i].named_parameters()} for i in (1, 4)
@@ -108,14 +119,19 @@ def test_zero3_shared_parameters_get_the_gradients_of_every_slot(ws) -> None:
         assert not torch.allclose(want[n], dense_grads[0][n]) and not torch.allclose(
             want[n], dense_grads[1][n]
         )
-    train_cfg = TrainSection(micro_batch=2, grad_accum=1, max_steps=1, grad_clip=0.0)
-    cfg = build_ds_config(load_ds_config("ds_configs/zero3.json"), train_cfg, world_size=1, precision="fp32")
+    train_cfg = TrainSection(micro_batch=2, grad_accum=2, max_steps=1, grad_clip=0.0)
+    cfg = build_ds_config(
+        load_ds_config(f"ds_configs/zero{stage}.json"), train_cfg, world_size=1, precision="fp32"
+    )
     shared = {n: block1[n] for n in want}
     with launcher_env():  # ZeRO-3 reads LOCAL_RANK in its step hooks too
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, train_cfg), config=cfg
         )
-        engine.backward(engine(input_ids=batch, labels=batch).loss)
+        for i, batch in enumerate(batches):
+            engine.backward(engine(input_ids=batch, labels=batch).loss)
+            if i < len(batches) - 1:
+                engine.step()  # not a boundary: only counts the micro-step, as the trainer's loop does
         for name, p in shared.items():
             got = deepspeed.utils.safe_get_full_grad(p).reshape(want[name].shape)
             torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -217,6 +233,23 @@ def test_export_from_a_checkpoint_without_an_engine(ws, tmp_path: Path) -> None:
     twin = AutoModelForCausalLM.from_pretrained(again)
     for (n, p), (_, q) in zip(compact.named_parameters(), twin.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_the_in_gemm_gradient_sum_is_a_recipe_key(ws, tmp_path: Path) -> None:
+    from flexigpt.shared.train.components import build_model
+
+    recipe = recipe_from_dict(
+        recipe_dict(
+            ws, tmp_path / "run", trainable="all", max_steps=2, checkpoint_every=2, shared_grad_in_gemm=True
+        )
+    )
+    model = build_model(recipe.model, torch.float32)
+    q = model.model.layers[1].self_attn.q_proj
+    before = q.weight.detach().clone()
+    assert not q.grad_pass.enabled  # off unless the recipe asks
+    res = train(recipe, model=model)
+    assert q.grad_pass.enabled and res.step == 2 and torch.isfinite(torch.tensor(res.last_loss))
+    assert not torch.equal(q.weight.detach(), before)  # the shared block trained
 
 
 def test_trainable_layers_restrict_the_rule(ws) -> None:
