@@ -18,7 +18,10 @@ BATCHES = [torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_see
 
 def _model(arch: str = "llama2", rule: str = "all") -> nn.Module:
     """6 slots over 4 blocks; block 1 runs three times (twice with adapters), block 2 twice."""
-    ad = AdapterSpec(4, init="lora")
+    targets = (
+        ("q", "k", "v", "o", "up", "down") if arch == "opt" else ("q", "k", "v", "o", "gate", "up", "down")
+    )
+    ad = AdapterSpec(4, targets=targets, init="lora")
     reuse = dict(adapter=ad, out_norm=OutNormSpec(0.1), own_norms=True)
     slots = (
         SlotSpec(0),
@@ -45,14 +48,18 @@ def _grads(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Ten
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["llama2", "qwen2"])  # qwen2: q/k/v biases shared too
+# qwen2: q/k/v biases shared too; opt: a bias on every linear, no gate, LayerNorms with biases
+@pytest.mark.parametrize("arch", ["llama2", "qwen2", "opt"])
 def test_gradients_match_plain_autograd_over_accumulation_steps(arch: str) -> None:
     stack = apply_plan(tiny_model(arch), Plan.identity(tiny_model(arch).config.model_type, 4))
     assert not any(isinstance(m, SharedLinear) for m in stack.modules())  # no block runs twice
     model = _model(arch)
     plain = copy.deepcopy(model)
     set_grad_accumulation(plain, False)
-    assert sum(isinstance(m, SharedLinear) for m in model.modules()) == 7 * 5  # the slots of blocks 1, 2
+    n_linears = 6 if arch == "opt" else 7
+    assert (
+        sum(isinstance(m, SharedLinear) for m in model.modules()) == n_linears * 5
+    )  # the slots of blocks 1, 2
     want, got = _grads(plain, BATCHES), _grads(model, BATCHES)
     assert want.keys() == got.keys()
     for n in want:
@@ -62,8 +69,9 @@ def test_gradients_match_plain_autograd_over_accumulation_steps(arch: str) -> No
     dense.zero_grad(set_to_none=True)
     dense(BATCHES[0], labels=BATCHES[0]).loss.backward()
     one = _grads(model, BATCHES[:1])
-    name = "model.layers.1.mlp.up_proj.weight"
-    parts = [dense.get_parameter(f"model.layers.{i}.mlp.up_proj.weight").grad for i in (1, 2, 5)]
+    path = "model.decoder.layers.{}.fc1.weight" if arch == "opt" else "model.layers.{}.mlp.up_proj.weight"
+    name = path.format(1)
+    parts = [dense.get_parameter(path.format(i)).grad for i in (1, 2, 5)]
     torch.testing.assert_close(one[name], sum(parts), rtol=1e-5, atol=1e-7)
 
 
