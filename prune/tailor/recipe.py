@@ -160,6 +160,20 @@ class TailorSection(Section):
         "where several variants are chosen), made for SMAC; false: every parameter in every trial, ignored "
         "where it does not apply, which TPE models jointly (same configurations).",
     )
+    encoding: Literal["source", "flags"] = Field(
+        "source",
+        description="How a kept position's source is searched. source: one categorical per position over base, "
+        "each variant and each merged set of variants, which TPE models as one distribution; flags: GPTailor's "
+        "{0, 1} flag per variant and position (none: base, one: that variant, several: merged). Same "
+        "configurations.",
+    )
+    prior_weight: float = Field(
+        3.0,
+        gt=0,
+        description="Weight of TPE's prior (a flat distribution over each parameter's range) against the "
+        "observed trials; above 1 it keeps drawing values that the few good trials did not use. Optuna's "
+        "default is 1.0.",
+    )
     startup_trials: int = Field(
         10,
         ge=1,

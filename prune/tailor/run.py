@@ -193,6 +193,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
         tuple(t.scale_range),
         t.output_scale,
         t.conditional_space,
+        t.encoding,
     )
     tok = load_command_tokenizer(recipe.model, StitchError)
     # every check that can refuse the run comes before the first file is written
@@ -211,6 +212,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
         sampler=t.sampler,
         seed=t.seed,
         startup_trials=t.startup_trials,
+        prior_weight=t.prior_weight,
         pruner=t.budgets.pruner,
         budgets=budgets,
         eta=t.budgets.eta,
