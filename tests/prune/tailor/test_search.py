@@ -137,6 +137,8 @@ def test_user_mistakes_exit_2_naming_the_key_and_write_nothing(tailor_setting, t
         (["tailor.variants={base: /x}"], "variants: name 'base' is not allowed"),
         (["tailor.budgets.min=100"], "min=100 > max=36"),
         (["tailor.objective.combine=pareto"], "tailor.budgets.pruner"),
+        (["tailor.encoding=onehot"], "tailor.encoding"),
+        (["tailor.prior_weight=0"], "tailor.prior_weight"),
     ]
     for override, expected in cases:
         capsys.readouterr()
