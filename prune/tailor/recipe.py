@@ -172,7 +172,7 @@ class TailorSection(Section):
         gt=0,
         description="Weight of TPE's prior (a flat distribution over each parameter's range) against the "
         "observed trials; above 1 it keeps drawing values that the few good trials did not use. Optuna's "
-        "default is 1.0 (deprecated by Optuna 4.9, planned to go in 6.0; the pinned 5.0 has it).",
+        "default is 1.0. Optuna deprecated this argument in 4.9 (removal planned for 6.0); the pinned 5.0 has it.",
     )
     startup_trials: int = Field(
         10,
