@@ -261,25 +261,30 @@ class PruneSection(Section):
 
     def options(self) -> ReplacementOptions:
         """The replacement options of this section (gamma 'calibrate' starts at the first candidate)."""
-        from flexigpt.prune.depth.replace import ReplacementOptions  # torch: only once a run starts
+        return replacement_options(self.replace, self.selection)
 
-        r, s = self.replace, self.selection
-        gamma = r.gamma_candidates[0] if r.gamma == "calibrate" else float(r.gamma)
-        return ReplacementOptions(
-            rank=r.rank,
-            targets=tuple(r.targets),
-            alpha=r.alpha,
-            svd_init=r.svd_init,
-            init_without_svd=r.init_without_svd,
-            out_norm=r.out_norm,
-            gamma=gamma,
-            out_norm_eps=r.out_norm_eps,
-            own_norms=r.own_norms,
-            low_rank_metric=s.low_rank_metric,
-            metric_rank=s.rank,
-            combine=s.combine,
-            svd=s.svd,
-        )
+
+def replacement_options(r: ReplaceSection, s: SelectionSection) -> ReplacementOptions:
+    """The replacement options of a ``replace:`` and a ``selection:`` section (gamma 'calibrate' starts
+    at the first candidate)."""
+    from flexigpt.prune.depth.replace import ReplacementOptions  # torch: only once a run starts
+
+    gamma = r.gamma_candidates[0] if r.gamma == "calibrate" else float(r.gamma)
+    return ReplacementOptions(
+        rank=r.rank,
+        targets=tuple(r.targets),
+        alpha=r.alpha,
+        svd_init=r.svd_init,
+        init_without_svd=r.init_without_svd,
+        out_norm=r.out_norm,
+        gamma=gamma,
+        out_norm_eps=r.out_norm_eps,
+        own_norms=r.own_norms,
+        low_rank_metric=s.low_rank_metric,
+        metric_rank=s.rank,
+        combine=s.combine,
+        svd=s.svd,
+    )
 
 
 class PruneRecipe(CommandRecipe):

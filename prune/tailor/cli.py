@@ -4,7 +4,8 @@
 
 A resumable search over layers cut from the base and stitched in from its fine-tuned variants;
 the chosen model is exported as a plain model and, when the recipe has a ``train:`` section (and
-without ``--prune-only``), trained for recovery by the same trainer. Every knob is a recipe field
+without ``--prune-only``), trained for recovery by the same trainer: as it is (``tailor.recovery:
+plain``) or with its removed positions filled by shared replacement slots (``flexigpt``). Every knob is a recipe field
 (``flexigpt-prune --help-recipe tailor`` lists them); docs/tailor.md describes the method.
 """
 
@@ -20,14 +21,15 @@ from flexigpt.shared.recipe import RecipeError
 
 
 def _run(recipe: TailorRecipe, args: argparse.Namespace, log: Any) -> int:
-    from flexigpt.prune.tailor.run import recovery_recipe, run
+    from flexigpt.prune.tailor.recovery import recovery_recipe
+    from flexigpt.prune.tailor.run import run
 
     run(recipe, log=log)
-    if recipe.train is None or args.prune_only:
+    if recipe.train is None or recipe.tailor.recovery == "none" or args.prune_only:
         return 0
     from flexigpt.shared.train.trainer import train
 
-    r = train(recovery_recipe(recipe))
+    r = train(recovery_recipe(recipe, log))
     log(f"[recovery] done: step {r.step}, {r.tokens_seen:,} tokens, last loss {r.last_loss}", flush=True)
     return signal_exit_status(r.interrupted_by)
 

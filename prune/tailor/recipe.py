@@ -8,11 +8,13 @@ lm-eval tasks. Importing this module loads no torch: a bad recipe is answered at
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from flexigpt.shared.recipe import BaseRecipe, Section, TrainSection, register_recipe_kind
+from flexigpt.prune.depth.recipe import ReplaceSection, SelectionSection
+from flexigpt.shared.command import CommandRecipe
+from flexigpt.shared.recipe import Section, TrainSection, register_recipe_kind
 
 MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "linear")
 HEURISTICS: tuple[str, ...] = ("top", "middle", "alternating", "block_influence")
@@ -158,6 +160,20 @@ class TailorSection(Section):
         "where several variants are chosen), made for SMAC; false: every parameter in every trial, ignored "
         "where it does not apply, which TPE models jointly (same configurations).",
     )
+    encoding: Literal["source", "flags"] = Field(
+        "source",
+        description="How a kept position's source is searched. source: one categorical per position over base, "
+        "each variant and each merged set of variants, which TPE models as one distribution; flags: GPTailor's "
+        "{0, 1} flag per variant and position (none: base, one: that variant, several: merged). Same "
+        "configurations.",
+    )
+    prior_weight: float = Field(
+        3.0,
+        gt=0,
+        description="Weight of TPE's prior (a flat distribution over each parameter's range) against the "
+        "observed trials; above 1 it keeps drawing values that the few good trials did not use. Optuna's "
+        "default is 1.0. Optuna deprecated this argument in 4.9 (removal planned for 6.0); the pinned 5.0 has it.",
+    )
     startup_trials: int = Field(
         10,
         ge=1,
@@ -170,9 +186,34 @@ class TailorSection(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     export: bool = Field(True, description="Write the chosen model to output_dir/model as a plain model.")
+    recovery: Literal["none", "plain", "flexigpt"] = Field(
+        "plain",
+        description="Recovery training of the chosen model when the recipe has a train: section. plain: the "
+        "exported plain model, in output_dir/recovery (train.trainable: all); flexigpt: every removed position "
+        "filled by a replacement slot that reuses a kept block with SVD-initialised adapters and an output "
+        "norm (replace:, selection:), in output_dir/flexigpt; none: no training.",
+    )
+    replace: ReplaceSection = Field(
+        default_factory=ReplaceSection,
+        description="Replacement slots of recovery: flexigpt (the prune command's prune.replace keys; gamma "
+        "must be a number).",
+    )
+    selection: SelectionSection = Field(
+        default_factory=SelectionSection,
+        description="Base selection of recovery: flexigpt (the prune command's prune.selection keys; the "
+        "blocks are read from the stitched model, so read_from must be auto or model).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TailorSection:
+        if self.replace.gamma == "calibrate":
+            raise ValueError(
+                "replace.gamma='calibrate' is not offered by the tailor command; give a number (e.g. 0.01)"
+            )
+        if self.selection.read_from == "safetensors":
+            raise ValueError(
+                "selection.read_from='safetensors': the stitched model has no files of its own; use auto or model"
+            )
         for name in self.variants:
             if name in RESERVED_SOURCES or not name or "/" in name:
                 raise ValueError(
@@ -186,32 +227,36 @@ class TailorSection(Section):
         return self
 
 
-class TailorRecipe(BaseRecipe):
+class TailorRecipe(CommandRecipe):
     """GPTailor: find, by a multi-fidelity search, which layers to cut and which variant layers to stitch in."""
+
+    command_section: ClassVar[str] = "tailor"
+    plan_made: ClassVar[str] = "its stitch plan"
 
     kind: Literal["tailor"] = Field("tailor", description="Recipe kind.")
     train: TrainSection | None = Field(
         None,
-        description="null: search only (GPTailor trains nothing). Set: after the search, plain recovery training "
-        "of the chosen model (output_dir/model) on `data`, by the same trainer, in output_dir/recovery "
-        "(use train.trainable: all; a plain model has no adapters).",
+        description="null: search only (GPTailor trains nothing). Set: after the search, recovery training of "
+        "the chosen model on `data` by the same trainer, as tailor.recovery says (plain: use "
+        "train.trainable: all, a plain model has no adapters).",
     )
     tailor: TailorSection = Field(..., description="The search.")
 
     @model_validator(mode="after")
     def _check_cross(self) -> TailorRecipe:
-        if self.model.plan is not None:
+        if self.train is not None and self.tailor.recovery == "plain" and not self.tailor.export:
             raise ValueError(
-                "model.plan: the tailor command makes its stitch plan itself; set model.plan to null"
-            )
-        if self.train is not None and not self.tailor.export:
-            raise ValueError(
-                "train: recovery training starts from the exported model; set tailor.export=true"
+                "train: plain recovery training starts from the exported model; set tailor.export=true"
             )
         if self.tailor.objective.combine == "pareto" and self.tailor.budgets.pruner != "none":
             raise ValueError(
                 "tailor.budgets.pruner: combine=pareto keeps one objective per task, which Optuna's pruners do "
                 "not support; set tailor.budgets.pruner=none"
+            )
+        if self.tailor.recovery == "flexigpt" and self.train is None:
+            raise ValueError(
+                "tailor.recovery=flexigpt trains the replacement slots; give a train: section (and data:), or set "
+                "tailor.recovery=none"
             )
         return self
 

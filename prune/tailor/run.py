@@ -33,7 +33,15 @@ from flexigpt.prune.tailor.search import (
 from flexigpt.prune.tailor.stitch import StitchError, StitchPlan, identity_plan
 
 # Recipe keys that do not change what the search finds (free to change on a rerun).
-FREE_KEYS: tuple[str, ...] = ("trials", "export", "device", "cache_blocks")
+FREE_KEYS: tuple[str, ...] = (
+    "trials",
+    "export",
+    "device",
+    "cache_blocks",
+    "recovery",
+    "replace",
+    "selection",
+)
 
 
 def fingerprint(recipe: TailorRecipe) -> dict[str, Any]:
@@ -115,18 +123,34 @@ def _objective(recipe: TailorRecipe, model: Any, tok: Any) -> Any:
     )
 
 
-def _device(name: str) -> str:
+def tailor_device(name: str) -> str:
+    """The device of ``tailor.device`` (auto: cuda when available)."""
     import torch
 
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def _dtype(name: str, device: str) -> Any:
+def tailor_dtype(name: str, device: str) -> Any:
+    """The torch dtype of ``model.dtype`` (auto: bfloat16 on a GPU that has it, else float32)."""
     import torch
 
     if name == "auto":
         return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
+
+
+def open_sources(recipe: TailorRecipe, dtype: Any) -> Any:
+    """The base and the variants of the recipe, indexed (nothing loaded)."""
+    from flexigpt.prune.tailor.sources import MergeOptions, SourceSet
+
+    t = recipe.tailor
+    return SourceSet(
+        recipe.model.source,
+        t.variants,
+        cache_blocks=t.cache_blocks,
+        merge=MergeOptions(t.ties_density),
+        dtype=dtype,
+    )
 
 
 def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any]:
@@ -141,7 +165,6 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
     from flexigpt.prune.depth.importance import n_blocks_to_remove
     from flexigpt.prune.tailor.build import Stitcher
     from flexigpt.prune.tailor.report import plot_layer_map, plot_search, trial_rows, write_trials
-    from flexigpt.prune.tailor.sources import MergeOptions, SourceSet
     from flexigpt.prune.tailor.space import SearchSpace, removal_plan, warm_starts
     from flexigpt.shared.command import load_command_tokenizer
     from flexigpt.shared.evaluate.zeroshot import check_tasks, get_task_manager, parse_tasks
@@ -154,15 +177,9 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
             "with flexigpt-train on several ranks"
         )
     out = Path(recipe.output_dir)
-    device = _device(t.device)
-    dtype = _dtype(recipe.model.dtype, device)
-    sources = SourceSet(
-        recipe.model.source,
-        t.variants,
-        cache_blocks=t.cache_blocks,
-        merge=MergeOptions(t.ties_density),
-        dtype=dtype,
-    )
+    device = tailor_device(t.device)
+    dtype = tailor_dtype(recipe.model.dtype, device)
+    sources = open_sources(recipe, dtype)
     L = sources.num_layers
     try:
         n_remove = n_blocks_to_remove(t.ratio, L)
@@ -176,6 +193,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
         tuple(t.scale_range),
         t.output_scale,
         t.conditional_space,
+        t.encoding,
     )
     tok = load_command_tokenizer(recipe.model, StitchError)
     # every check that can refuse the run comes before the first file is written
@@ -194,6 +212,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
         sampler=t.sampler,
         seed=t.seed,
         startup_trials=t.startup_trials,
+        prior_weight=t.prior_weight,
         pruner=t.budgets.pruner,
         budgets=budgets,
         eta=t.budgets.eta,
@@ -307,22 +326,6 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
             + f"; mean {100 * sum(s.values()) / len(s):.2f}"
         )
     return summary
-
-
-def recovery_recipe(recipe: TailorRecipe) -> Any:
-    """The ``train`` recipe of plain recovery training: the chosen model (``output_dir/model``) as the
-    source, the recipe's ``data`` and ``train`` sections, run directory ``output_dir/recovery``."""
-    from flexigpt.shared.recipe import TrainRecipe
-
-    out = Path(recipe.output_dir)
-    raw = recipe.model_dump(mode="json")
-    raw.pop("tailor")
-    raw["kind"] = "train"
-    raw["output_dir"] = str(out / "recovery")
-    raw["model"]["source"] = str(out / "model")
-    raw["model"]["tokenizer"] = recipe.model.tokenizer or str(out / "model")
-    raw["model"]["plan"] = None
-    return TrainRecipe.model_validate(raw)
 
 
 def check_export(path: Path, tok: Any, recipe: TailorRecipe, dtype: Any, device: str, expected: dict) -> dict:

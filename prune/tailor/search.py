@@ -22,6 +22,9 @@ from flexigpt.prune.tailor.space import SearchSpace
 from flexigpt.prune.tailor.stitch import StitchError, StitchPlan
 
 STUDY = "tailor"
+# Search keys added after studies were first journaled, with the value those studies ran with: an
+# older study continues when the recipe sets them so.
+EARLIER_DEFAULTS: dict[str, Any] = {"tailor.encoding": "flags", "tailor.prior_weight": 1.0}
 
 
 class SearchError(StitchError):
@@ -33,6 +36,9 @@ def _optuna() -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # prior_weight is deprecated since Optuna 4.9 (removal planned for 6.0); the pinned 5.0 has it, and
+    # docs/tailor.md says so, so the warning is not repeated on every run
+    warnings.filterwarnings("ignore", message=".*`prior_weight`.*", category=FutureWarning)
     return optuna
 
 
@@ -43,6 +49,7 @@ def open_study(
     sampler: str,
     seed: int,
     startup_trials: int = 10,
+    prior_weight: float = 1.0,
     pruner: str,
     budgets: Sequence[int],
     eta: int,
@@ -62,7 +69,11 @@ def open_study(
         smp = optuna.samplers.RandomSampler(seed=seed)
     else:
         smp = optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, n_startup_trials=startup_trials
+            seed=seed,
+            multivariate=True,
+            group=True,
+            n_startup_trials=startup_trials,
+            **({} if prior_weight == 1.0 else {"prior_weight": prior_weight}),
         )
     if pruner == "hyperband" and len(budgets) > 1:
         prn = optuna.pruners.HyperbandPruner(
@@ -83,7 +94,9 @@ def open_study(
     stored = study.user_attrs.get("fingerprint")
     if stored is None:
         study.set_user_attr("fingerprint", dict(fingerprint))
-    elif stored != json.loads(json.dumps(dict(fingerprint))):
+        return study
+    stored = {**EARLIER_DEFAULTS, **stored}
+    if stored != json.loads(json.dumps(dict(fingerprint))):
         changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
         raise SearchError(
             f"{path}: the study was made with a different recipe ({', '.join(changed)} changed); use a new "

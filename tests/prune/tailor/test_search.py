@@ -13,10 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from flexigpt.prune.cli import main
+from flexigpt.prune.tailor.search import SearchError, open_study
 from flexigpt.prune.tailor.stitch import StitchPlan
 
 from .conftest import tailor_overrides
@@ -34,7 +36,7 @@ def test_search_beats_base_and_block_influence_and_exports_a_plain_model(
     tailor_setting, tmp_path, capsys
 ) -> None:
     out = tmp_path / "run"
-    args = [RECIPE, *tailor_overrides(tailor_setting, out)]
+    args = [RECIPE, *tailor_overrides(tailor_setting, out, "tailor.trials=24")]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     res = summary["results"]
@@ -135,6 +137,8 @@ def test_user_mistakes_exit_2_naming_the_key_and_write_nothing(tailor_setting, t
         (["tailor.variants={base: /x}"], "variants: name 'base' is not allowed"),
         (["tailor.budgets.min=100"], "min=100 > max=36"),
         (["tailor.objective.combine=pareto"], "tailor.budgets.pruner"),
+        (["tailor.encoding=onehot"], "tailor.encoding"),
+        (["tailor.prior_weight=0"], "tailor.prior_weight"),
     ]
     for override, expected in cases:
         capsys.readouterr()
@@ -143,3 +147,16 @@ def test_user_mistakes_exit_2_naming_the_key_and_write_nothing(tailor_setting, t
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, (override, err)
         assert not out.exists(), override
+
+
+def test_a_study_journaled_before_the_encoding_key_continues_with_its_settings(tmp_path) -> None:
+    kw = {"sampler": "tpe", "seed": 0, "pruner": "none", "budgets": [4], "eta": 3, "n_objectives": 1}
+    old = {"model.source": "base", "tailor.ratio": 0.25}
+    open_study(tmp_path / "study.journal", old, **kw)
+    with pytest.raises(SearchError, match=r"tailor\.encoding, tailor\.prior_weight changed"):
+        open_study(
+            tmp_path / "study.journal", {**old, "tailor.encoding": "source", "tailor.prior_weight": 3.0}, **kw
+        )
+    open_study(
+        tmp_path / "study.journal", {**old, "tailor.encoding": "flags", "tailor.prior_weight": 1.0}, **kw
+    )

@@ -128,10 +128,14 @@ def test_plans_round_trip_and_bad_plans_are_refused(tmp_path: Path) -> None:
         StitchPlan.load(tmp_path / "bad.json")
 
 
-def test_search_space_round_trips_warm_starts_through_trial_parameters() -> None:
+@pytest.mark.parametrize("encoding", ["source", "flags"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_search_space_round_trips_warm_starts_through_trial_parameters(encoding, conditional) -> None:
     import optuna
 
-    space = SearchSpace(8, 2, ("colour", "home"), ("task_arithmetic",), (0.0, 1.0))
+    space = SearchSpace(
+        8, 2, ("colour", "home"), ("task_arithmetic",), (0.0, 1.0), False, conditional, encoding
+    )
     orders = {h: removal_order(h, 8) for h in ("top", "middle", "alternating")}
     assert (
         orders["top"][:2] == [6, 5]
@@ -146,6 +150,29 @@ def test_search_space_round_trips_warm_starts_through_trial_parameters() -> None
         trial = study.ask()
         assert space.suggest(trial) == plan
         study.tell(trial, 0.0)
+    names = {k for t in study.trials for k in t.params}
+    assert ("layer_0_source" in names) == (encoding == "source")
+    assert ("layer_0_candidate_0" in names) == (encoding == "flags")
+
+
+def test_the_source_encoding_offers_base_each_variant_and_each_merged_set() -> None:
+    import optuna
+
+    space = SearchSpace(4, 1, ("a", "b", "c"))
+    assert space.choices() == ["base", "a", "b", "c", "a+b", "a+c", "b+c", "a+b+c"]
+    trial = optuna.trial.FixedTrial(
+        {"remove_idx_0": 1, **{f"layer_{i}_source": c for i, c in enumerate(["b", "x", "a+c", "base"])}}
+        | {f"layer_{i}_merge_scale": 0.25 for i in range(4)}
+    )
+    with pytest.raises(ValueError):  # FixedTrial refuses a value outside the choices
+        space.suggest(trial)
+    trial = optuna.trial.FixedTrial(
+        {"remove_idx_0": 1, **{f"layer_{i}_source": c for i, c in enumerate(["b", "a", "a+c", "base"])}}
+        | {f"layer_{i}_merge_scale": 0.25 for i in range(4)}
+    )
+    plan = space.suggest(trial)
+    assert [(p.layer, p.source) for p in plan.positions] == [(0, "b"), (2, "merge"), (3, "base")]
+    assert plan.positions[1].merge.variants == ("a", "c") and plan.positions[1].merge.scale == 0.25
 
 
 def test_sources_with_other_shapes_are_refused(tailor_setting, tmp_path: Path) -> None:
