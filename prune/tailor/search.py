@@ -100,7 +100,8 @@ def open_study(
         changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
         raise SearchError(
             f"{path}: the study was made with a different recipe ({', '.join(changed)} changed); use a new "
-            "output_dir, or restore those keys (only tailor.trials may change to continue a search)"
+            "output_dir, or restore those keys (a search continues with more tailor.trials, or another export, device, "
+            "block cache or recovery: keys that do not decide the trials' scores)"
         )
     return study
 
