@@ -170,19 +170,25 @@ def plot_card(cards: list[Card], source: Card, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     text = next(iter(source.ppl), None)
-    panels = [("perplexity" + (f" ({text})" if text else ""), lambda c: c.ppl.get(text) if text else None)]
+    when = ", after recovery" if any(c.recovery_tokens for c in cards) else ""
+    panels = [
+        ("perplexity" + (f" ({text}{when})" if text else ""), lambda c: c.ppl.get(text) if text else None)
+    ]
     if source.zeroshot:
         panels.append(("zero-shot average (paper metric)", lambda c: c.zeroshot_avg))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (label, value) in zip(axes[0], panels, strict=True):
-        for c in [source, *cards]:
+        for i, c in enumerate([source, *cards]):
             y = value(c)
             if y is None:
                 continue
-            # a legend, not labels: several methods share one size, and their labels would overlap
-            ax.scatter(
-                c.params, y, s=70 if c is source else 40, marker="*" if c is source else "o", label=c.name
-            )
+            # a legend, not labels: several methods share one size, and their labels would overlap.
+            # Colour and marker both cycle (10 and 7 long), so no two of up to 70 points look alike,
+            # and each point is drawn smaller than the one before: two models with the same numbers
+            # (e.g. a calibration that kept the no-norm model) show as nested markers, not as one.
+            marker = "*" if c is source else "osD^vPX"[(i - 1) % 7]
+            size = 40 + 14 * (len(cards) - i)
+            ax.scatter(c.params, y, s=size, marker=marker, color=f"C{i % 10}", alpha=0.9, label=c.name)
         ax.set_xlabel("stored parameters")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
