@@ -177,19 +177,26 @@ def plot_card(cards: list[Card], source: Card, path: Path) -> Path:
     if source.zeroshot:
         panels.append(("zero-shot average (paper metric)", lambda c: c.zeroshot_avg))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    models = [source, *cards]
+    # Several methods store the same number of parameters: their points are spread sideways (by at
+    # most a few percent of the axis; the x label says so), so none hides another, and colour and
+    # marker both cycle (10 and 7 long), so no two of up to 70 points look alike.
+    span = (max(c.params for c in models) - min(c.params for c in models)) or max(source.params, 1)
+    same: dict[int, list[int]] = {}
+    for i, c in enumerate(models):
+        same.setdefault(c.params, []).append(i)
+    x: dict[int, float] = {}
+    for group in same.values():
+        for k, i in enumerate(group):
+            x[i] = models[i].params + span * 0.018 * (k - (len(group) - 1) / 2)
     for ax, (label, value) in zip(axes[0], panels, strict=True):
-        for i, c in enumerate([source, *cards]):
+        for i, c in enumerate(models):
             y = value(c)
             if y is None:
                 continue
-            # a legend, not labels: several methods share one size, and their labels would overlap.
-            # Colour and marker both cycle (10 and 7 long), so no two of up to 70 points look alike,
-            # and each point is drawn smaller than the one before: two models with the same numbers
-            # (e.g. a calibration that kept the no-norm model) show as nested markers, not as one.
             marker = "*" if c is source else "osD^vPX"[(i - 1) % 7]
-            size = 40 + 14 * (len(cards) - i)
-            ax.scatter(c.params, y, s=size, marker=marker, color=f"C{i % 10}", alpha=0.9, label=c.name)
-        ax.set_xlabel("stored parameters")
+            ax.scatter(x[i], y, s=90 if c is source else 50, marker=marker, color=f"C{i % 10}", label=c.name)
+        ax.set_xlabel("stored parameters (models of one size spread sideways)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
