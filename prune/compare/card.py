@@ -170,20 +170,33 @@ def plot_card(cards: list[Card], source: Card, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     text = next(iter(source.ppl), None)
-    panels = [("perplexity" + (f" ({text})" if text else ""), lambda c: c.ppl.get(text) if text else None)]
+    when = ", after recovery" if any(c.recovery_tokens for c in cards) else ""
+    panels = [
+        ("perplexity" + (f" ({text}{when})" if text else ""), lambda c: c.ppl.get(text) if text else None)
+    ]
     if source.zeroshot:
         panels.append(("zero-shot average (paper metric)", lambda c: c.zeroshot_avg))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    models = [source, *cards]
+    # Several methods store the same number of parameters: their points are spread sideways (by at
+    # most a few percent of the axis; the x label says so), so none hides another, and colour and
+    # marker both cycle (10 and 7 long), so no two of up to 70 points look alike.
+    span = (max(c.params for c in models) - min(c.params for c in models)) or max(source.params, 1)
+    same: dict[int, list[int]] = {}
+    for i, c in enumerate(models):
+        same.setdefault(c.params, []).append(i)
+    x: dict[int, float] = {}
+    for group in same.values():
+        for k, i in enumerate(group):
+            x[i] = models[i].params + span * 0.018 * (k - (len(group) - 1) / 2)
     for ax, (label, value) in zip(axes[0], panels, strict=True):
-        for c in [source, *cards]:
+        for i, c in enumerate(models):
             y = value(c)
             if y is None:
                 continue
-            # a legend, not labels: several methods share one size, and their labels would overlap
-            ax.scatter(
-                c.params, y, s=70 if c is source else 40, marker="*" if c is source else "o", label=c.name
-            )
-        ax.set_xlabel("stored parameters")
+            marker = "*" if c is source else "osD^vPX"[(i - 1) % 7]
+            ax.scatter(x[i], y, s=90 if c is source else 50, marker=marker, color=f"C{i % 10}", label=c.name)
+        ax.set_xlabel("stored parameters (models of one size spread sideways)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")

@@ -1,15 +1,16 @@
 """The ``compare`` recipe: one source model, one ratio, one calibration text, one recovery budget, many methods.
 
 The FlexiGPT family (flexigpt, shortgpt, shortgpt_lora) is built by the prune command itself
-(``output_dir/prune/``, the ``selection:`` and ``replace:`` options below are its own); every other
-method is a registered baseline (``flexigpt.prune.depth.baselines``) in ``output_dir/<method>/``.
+(``output_dir/prune/``, the ``selection:`` and ``replace:`` options below are its own), and so is
+each FlexiGPT output-norm option of ``NORM_METHODS`` (its own run directory); every other method is
+a registered baseline (``flexigpt.prune.depth.baselines``) in ``output_dir/<method>/``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from flexigpt.prune.depth.recipe import VARIANTS, CalibrationSection, ReplaceSection, SelectionSection
 from flexigpt.shared.command import CommandRecipe
@@ -19,9 +20,17 @@ from flexigpt.shared.recipe import Section, register_recipe_kind
 # The registered baselines (flexigpt.prune.depth.baselines.BASELINES, a test keeps the two equal),
 # named here so that reading a recipe imports no torch.
 BASELINE_METHODS: tuple[str, ...] = ("replaceme", "replaceme_cosine", "streamline", "sleb", "reverse")
-# FlexiGPT without its output norm (the replacement slots' adapters only), built by a second prune run.
+# FlexiGPT with other output-norm options than compare.replace's, each built by a prune run of its own
+# in output_dir/<dir>: name -> (dir, the replace: values it sets). flexigpt_calibrated adds 'measured'
+# and 'none' to compare.replace.gamma_candidates.
 NO_NORM = "flexigpt_no_norm"
-METHODS: tuple[str, ...] = (*VARIANTS, NO_NORM, *BASELINE_METHODS)
+NORM_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    NO_NORM: ("prune-no-norm", {"out_norm": False, "gamma": 0.0}),
+    "flexigpt_gamma_paper": ("prune-gamma-paper", {"out_norm": True, "gamma": 0.01}),
+    "flexigpt_measured": ("prune-measured", {"out_norm": True, "gamma": "measured"}),
+    "flexigpt_calibrated": ("prune-calibrated", {"out_norm": True, "gamma": "calibrate"}),
+}
+METHODS: tuple[str, ...] = (*VARIANTS, *NORM_METHODS, *BASELINE_METHODS)
 
 
 class BaselineOptions(Section):
@@ -109,6 +118,13 @@ class CompareSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where models are built and evaluated."
     )
+    lr: dict[str, float] = Field(
+        default_factory=dict,
+        description="Recovery learning rate per method (method -> lr), e.g. {shortgpt: 2.0e-4} for the full "
+        "fine-tuning of a plain model beside adapters at train.lr; a method not named here trains at train.lr "
+        "(the trainer's default for its trainable set when train.lr is null). The recovery tokens stay equal; "
+        "the table states each method's lr.",
+    )
 
     @field_validator("methods")
     @classmethod
@@ -117,6 +133,30 @@ class CompareSection(Section):
         if not v or bad or len(set(v)) != len(v):
             raise ValueError(f"methods={v}: name distinct methods of {list(METHODS)}")
         return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        methods = info.data.get("methods") or []
+        bad = {m: lr for m, lr in v.items() if m not in methods or not lr > 0}
+        if bad:
+            raise ValueError(f"lr={bad}: name methods of compare.methods {methods}, each with an lr > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _check_section(self) -> CompareSection:
+        for m in self.methods:
+            set_ = NORM_METHODS.get(m, ("", {}))[1]
+            if (
+                set_
+                and "flexigpt" in self.methods
+                and set_ == {k: self.replace.model_dump()[k] for k in set_}
+            ):
+                raise ValueError(
+                    f"methods: {m} sets replace {set_}, which compare.replace already holds, so it would be "
+                    "flexigpt built twice; drop one of the two"
+                )
+        return self
 
 
 class CompareRecipe(CommandRecipe):

@@ -5,6 +5,8 @@
 - ``compare_recipe.yaml`` and ``compare_settings.json`` (what decides the models; a rerun with other
   settings is refused);
 - ``prune/``: the prune command's run of the FlexiGPT family (flexigpt, shortgpt, shortgpt_lora);
+- ``prune-no-norm/``, ``prune-gamma-paper/``, ``prune-measured/``, ``prune-calibrated/``: the prune
+  runs of the FlexiGPT output-norm options the recipe names (``NORM_METHODS``);
 - ``<method>/`` for every baseline: ``initial/`` (the pruned plain model), ``method.json`` (what the
   method chose; written last, the completion mark), then the trainer's files and ``final/``;
 - ``cards/<model>.json``: the measured perplexities and zero-shot scores (reused on a rerun);
@@ -29,11 +31,17 @@ from typing import Any
 import torch
 
 from flexigpt.prune.compare.card import Card, measure_speed, param_counts, write_card, zeroshot_scores
-from flexigpt.prune.compare.recipe import NO_NORM, CompareRecipe
+from flexigpt.prune.compare.recipe import NORM_METHODS, CompareRecipe
 from flexigpt.prune.depth.baselines import BASELINES, get_baseline
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
-from flexigpt.prune.depth.run import blocks_to_remove, check_architecture, source_config
+from flexigpt.prune.depth.run import (
+    blocks_to_remove,
+    check_architecture,
+    source_config,
+    train_recipe,
+    trained_variants,
+)
 from flexigpt.prune.depth.run import run as prune_run
 from flexigpt.prune.depth.steps import (
     SourceModel,
@@ -45,26 +53,30 @@ from flexigpt.prune.depth.steps import (
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer
 from flexigpt.shared.engine.checkpoint import load_model
 from flexigpt.shared.evaluate.perplexity import encode_documents, file_documents, perplexity, stream_documents
+from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import StreamSection
 
 
-def family_recipe(recipe: CompareRecipe, no_norm: bool = False) -> PruneRecipe:
+def family_recipe(recipe: CompareRecipe, option: str | None = None) -> PruneRecipe:
     """The prune recipe of the FlexiGPT family in ``output_dir/prune`` (also the calibration reader).
 
-    With `no_norm`: the run of ``flexigpt_no_norm`` in ``output_dir/prune-no-norm``, FlexiGPT with
-    ``replace.out_norm: false`` and otherwise the same options (its own importance pass gives the
-    same removed blocks and bases: the same text and settings).
+    With `option` (a ``NORM_METHODS`` name): the run of that FlexiGPT output-norm option in its own
+    directory, FlexiGPT with the ``replace:`` values the option sets and otherwise the same options
+    (its own importance pass gives the same removed blocks and bases: the same text and settings).
     """
     c = recipe.compare
     raw = recipe.model_dump(mode="json")
     raw.pop("compare")
     first = next(iter(c.perplexity.values()), None)
-    raw.update(kind="prune", output_dir=str(family_dir(recipe, no_norm)))
+    raw.update(kind="prune", output_dir=str(family_dir(recipe, option)))
     replace = c.replace.model_dump(mode="json")
-    if no_norm:
-        replace.update(out_norm=False, gamma=0.0)
+    if option is not None:
+        replace.update(NORM_METHODS[option][1])
+        if replace["gamma"] == "calibrate":  # flexigpt_calibrated: measured and none among the candidates
+            extra = [w for w in ("measured", "none") if w not in replace["gamma_candidates"]]
+            replace["gamma_candidates"] = [*replace["gamma_candidates"], *extra]
     raw["prune"] = {
-        "variants": ["flexigpt"] if no_norm else [m for m in c.methods if m in VARIANTS] or ["shortgpt"],
+        "variants": ["flexigpt"] if option else [m for m in c.methods if m in VARIANTS] or ["shortgpt"],
         "ratio": c.ratio,
         "ratio_rule": c.ratio_rule,
         "metric": c.metric,
@@ -78,15 +90,15 @@ def family_recipe(recipe: CompareRecipe, no_norm: bool = False) -> PruneRecipe:
     return PruneRecipe.model_validate(raw)
 
 
-def family_dir(recipe: CompareRecipe, no_norm: bool = False) -> Path:
-    """Where the prune command's run of the FlexiGPT family (or of ``flexigpt_no_norm``) lives."""
-    return Path(recipe.output_dir) / ("prune-no-norm" if no_norm else "prune")
+def family_dir(recipe: CompareRecipe, option: str | None = None) -> Path:
+    """Where the prune command's run of the FlexiGPT family (or of one output-norm option) lives."""
+    return Path(recipe.output_dir) / (NORM_METHODS[option][0] if option else "prune")
 
 
 def method_dir(recipe: CompareRecipe, name: str) -> Path:
     """The directory of one method's models and runs."""
-    if name == NO_NORM:
-        return family_dir(recipe, True) / "flexigpt"
+    if name in NORM_METHODS:
+        return family_dir(recipe, name) / "flexigpt"
     return family_dir(recipe) / name if name in VARIANTS else Path(recipe.output_dir) / name
 
 
@@ -103,6 +115,7 @@ def settings(recipe: CompareRecipe, n: int) -> dict[str, Any]:
         "compare.recovery": c.recovery,
         "text": recipe.text.model_dump(mode="json"),
         "train": recipe.train.model_dump(mode="json"),
+        **({"compare.lr": c.lr} if c.lr else {}),
     }
 
 
@@ -167,10 +180,11 @@ def train_baselines(recipe: CompareRecipe, log: Callable) -> None:
     for name in [m for m in recipe.compare.methods if m in BASELINES]:
         vdir = out / name
         info = json.loads((vdir / "method.json").read_text())
-        overrides = {"trainable": "all", **info["train"]}
-        log(f"[{name}] recovery training ({_trainable(overrides)}) -> {vdir}")
-        res = train(handoff_train_recipe(recipe, vdir / "initial", output_dir=vdir, train=overrides))
-        _write_recovery(vdir, res, _trainable(overrides))
+        overrides = {"trainable": "all", **info["train"], **_lr(recipe, name)}
+        tr = handoff_train_recipe(recipe, vdir / "initial", output_dir=vdir, train=overrides)
+        log(f"[{name}] recovery training ({_trainable(overrides)}, lr {tr.train.lr:g}) -> {vdir}")
+        res = train(tr)
+        _write_recovery(vdir, res, _trainable(overrides), tr.train.lr)
         if res.interrupted_by:
             raise PruneError(f"[{name}] recovery stopped by signal {res.interrupted_by}; run again to resume")
 
@@ -182,10 +196,31 @@ def _trainable(train: dict[str, Any]) -> str:
     return f"layers {train['trainable_layers']}{head}"
 
 
-def _write_recovery(vdir: Path, res: Any, trainable: str) -> None:
-    (vdir / "recovery.json").write_text(
-        json.dumps({"tokens": res.tokens_seen, "steps": res.step, "trainable": trainable}, indent=1) + "\n"
-    )
+def _lr(recipe: CompareRecipe, name: str) -> dict[str, float]:
+    """``train:`` overrides of one method's recovery: its ``compare.lr``, when the recipe names one."""
+    return {"lr": recipe.compare.lr[name]} if name in recipe.compare.lr else {}
+
+
+def train_family(recipe: CompareRecipe, family: PruneRecipe, option: str | None, log: Callable) -> None:
+    """Recovery of the variants of one prune run, each at its method's learning rate, one budget."""
+    from flexigpt.shared.train.components import init_distributed
+    from flexigpt.shared.train.trainer import train
+
+    init_distributed(recipe.train.cpu_shm_comm, recipe.train.dist_timeout_s)
+    for v in trained_variants(family):
+        name = option or v
+        tr = train_recipe(family, v, _lr(recipe, name))
+        vdir = method_dir(recipe, name)
+        log(f"[{name}] recovery training ({tr.train.trainable}, lr {tr.train.lr:g}) -> {vdir}")
+        res = train(tr)
+        _write_recovery(vdir, res, tr.train.trainable, tr.train.lr)
+        if res.interrupted_by:
+            raise PruneError(f"[{name}] recovery stopped by signal {res.interrupted_by}; run again to resume")
+
+
+def _write_recovery(vdir: Path, res: Any, trainable: str, lr: float) -> None:
+    record = {"tokens": res.tokens_seen, "steps": res.step, "trainable": trainable, "lr": lr}
+    write_text_atomic(vdir / "recovery.json", json.dumps(record, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------- judging
@@ -318,7 +353,8 @@ def _recovery(vdir: Path) -> tuple[int, str]:
     if not path.is_file():
         return 0, "-"
     d = json.loads(path.read_text())
-    return int(d["tokens"]), str(d["trainable"])
+    lr = f", lr {d['lr']:g}" if d.get("lr") is not None else ""
+    return int(d["tokens"]), f"{d['trainable']}{lr}"
 
 
 def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
@@ -333,23 +369,17 @@ def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
     pr = family_recipe(recipe)
     n = blocks_to_remove(pr, config)
     check_architecture(pr, config, "compare")
-    if NO_NORM in c.methods:
-        check_architecture(family_recipe(recipe, no_norm=True), config, "compare")
+    for m in c.methods:
+        if m in NORM_METHODS:
+            check_architecture(family_recipe(recipe, m), config, "compare")
     _check_settings(out, settings(recipe, n))
     recipe.save(out / "compare_recipe.yaml")
-    runs = [(pr, False)] if any(m in VARIANTS for m in c.methods) else []
-    if NO_NORM in c.methods:
-        runs.append((family_recipe(recipe, no_norm=True), True))
-    for family, no_norm in runs:
-        results = prune_run(family, prune_only=c.recovery == "none", log=log)
+    runs: list[tuple[PruneRecipe, str | None]] = [(pr, None)] if any(m in VARIANTS for m in c.methods) else []
+    runs += [(family_recipe(recipe, m), m) for m in c.methods if m in NORM_METHODS]
+    for family, option in runs:
+        prune_run(family, prune_only=True, log=log)
         if c.recovery == "equal":
-            for v, res in results.items():
-                trainable = "all" if v == "shortgpt" else recipe.train.trainable
-                _write_recovery(method_dir(recipe, NO_NORM if no_norm else v), res, trainable)
-                if res.interrupted_by:
-                    raise PruneError(
-                        f"[{v}] recovery stopped by signal {res.interrupted_by}; run again to resume"
-                    )
+            train_family(recipe, family, option, log)
     build_baselines(recipe, pr, n, log)
     if c.recovery == "equal":
         train_baselines(recipe, log)
@@ -429,7 +459,7 @@ def _header(
         f"({'packed' if c.calibration.pack else 'one document each'}), one text for every method",
         f"- text rule: {texts.rule.summary()}",
         *[f"- perplexity `{k}`: {v}" for k, v in texts.described.items()],
-        f"- recovery: {c.recovery} ({budget}, lr {t.lr}); recovery tokens {equal}"
+        f"- recovery: {c.recovery} ({budget}, lr {_lr_text(recipe)}); recovery tokens {equal}"
         if c.recovery == "equal"
         else "- recovery: none (no model is trained after it is built; a method's own training is in the tokens column)",
         f"- zero-shot: {', '.join(c.zeroshot.tasks) if c.zeroshot else 'none'}; paper average = acc_norm where a task "
@@ -441,3 +471,15 @@ def _header(
         f"this command: {seconds:.0f} s",
     ]
     return lines
+
+
+def _lr_text(recipe: CompareRecipe) -> str:
+    base = (
+        "the trainer's default for each trainable set"
+        if recipe.train.lr_is_default
+        else f"{recipe.train.lr:g}"
+    )
+    if not recipe.compare.lr:
+        return base
+    own = ", ".join(f"{m} {lr:g}" for m, lr in recipe.compare.lr.items())
+    return f"{base}; compare.lr: {own}; each method's lr is in the trained column"

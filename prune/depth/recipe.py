@@ -67,7 +67,8 @@ class CalibrationSection(Section):
     )
     gamma_stream: StreamSection | None = Field(
         None,
-        description="Where replace.gamma: calibrate chooses gamma; null: the calibration stream. Either way, "
+        description="Where replace.gamma: calibrate chooses gamma and gamma: measured measures it; null: the "
+        "calibration stream. Either way, "
         "documents that are part of the start-perplexity text (prune.perplexity or data.eval) are skipped, so "
         "gamma is never chosen on the text it is then judged on. When the calibration stream is the "
         "perplexity text (the 7B recipes calibrate importance on MiniPile validation and report on it), name "
@@ -147,20 +148,28 @@ class ReplaceSection(Section):
         description="Ablation switch (Table 4, 'output norm'): a bias-free LayerNorm on the o_proj and "
         "down_proj outputs of every replacement slot (eq. 6).",
     )
-    gamma: float | Literal["calibrate"] = Field(
-        0.01,
-        description="Initial output-norm gamma. Not reported by the paper (ambiguity 7). A number >= 0, or "
-        "'calibrate': measure the perplexity on the calibration samples for every gamma_candidates value and "
-        "keep one by gamma_rule (gamma 0 is exactly the ShortGPT model, the default target).",
+    gamma: float | Literal["calibrate", "measured"] = Field(
+        "measured",
+        description="Initial output-norm gamma. Not reported by the paper (ambiguity 7). 'measured': per "
+        "feature, the RMS of the SVD-initialised slot's own o_proj / down_proj output over that of its "
+        "normalised output, measured on the gamma text, so the norm starts near identity in scale (the "
+        "default: on the quickstart's 2M-parameter model it recovered as well as no norm and far better than "
+        "0.01, docs/comparison.md); a number >= 0 (every entry; 0.01 is the paper's reading, which starts the "
+        "slot's attention and MLP outputs at about 1% of their scale); 'calibrate': measure the perplexity on "
+        "the gamma text for every gamma_candidates value and keep one by gamma_rule (gamma 0 is exactly the "
+        "ShortGPT model, the default target).",
     )
-    gamma_candidates: list[float] = Field(
+    gamma_candidates: list[float | Literal["measured", "none"]] = Field(
         default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-        description="Values tried by gamma: calibrate (ambiguity 7's reading: sweep 1e-3..1e-1).",
+        description="Values tried by gamma: calibrate (ambiguity 7's reading: sweep 1e-3..1e-1): numbers > 0, "
+        "'measured' (the measured gammas) and 'none' (the slots without the output norm: when chosen, the "
+        "plan and the model have no output norm at all, exactly as with out_norm: false).",
     )
     gamma_rule: Literal["largest_below", "closest"] = Field(
         "largest_below",
-        description="largest_below: the largest gamma whose perplexity is not above ShortGPT's (the paper's "
-        "start PPL 21.82 is just below ShortGPT's 22.76); closest: the gamma nearest to it in log-perplexity.",
+        description="largest_below: of the candidates whose perplexity is not above ShortGPT's, the one through "
+        "which the slots contribute most (numbers by size, then 'measured', then 'none'; the paper's start "
+        "PPL 21.82 is just below ShortGPT's 22.76); closest: the candidate nearest to it in log-perplexity.",
     )
     out_norm_eps: float = Field(1e-5, gt=0, description="Output-norm epsilon (not given by the paper).")
     own_norms: bool = Field(
@@ -173,7 +182,7 @@ class ReplaceSection(Section):
     @classmethod
     def _gamma(cls, v: float | str) -> float | str:
         if isinstance(v, float) and not v >= 0:
-            raise ValueError(f"gamma={v}: must be >= 0 or 'calibrate'")
+            raise ValueError(f"gamma={v}: must be >= 0, 'measured' or 'calibrate'")
         return v
 
     @field_validator("targets")
@@ -185,9 +194,11 @@ class ReplaceSection(Section):
 
     @field_validator("gamma_candidates")
     @classmethod
-    def _candidates(cls, v: list[float]) -> list[float]:
-        if not v or any(not g > 0 for g in v):
-            raise ValueError(f"gamma_candidates={v}: need one or more values > 0")
+    def _candidates(cls, v: list[float | str]) -> list[float | str]:
+        if not v or any(not isinstance(g, str) and not g > 0 for g in v) or len(set(v)) != len(v):
+            raise ValueError(
+                f"gamma_candidates={v}: need one or more distinct values > 0, 'measured' or 'none'"
+            )
         return v
 
 
@@ -253,23 +264,24 @@ class PruneSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> PruneSection:
-        if self.replace.gamma == "calibrate" and not self.replace.out_norm:
+        if self.replace.gamma in ("calibrate", "measured") and not self.replace.out_norm:
             raise ValueError(
-                "replace.gamma='calibrate' needs replace.out_norm=true (there is no gamma without it)"
+                f"replace.gamma={self.replace.gamma!r} needs replace.out_norm=true (there is no gamma without it)"
             )
         return self
 
     def options(self) -> ReplacementOptions:
-        """The replacement options of this section (gamma 'calibrate' starts at the first candidate)."""
+        """The replacement options of this section (gamma 'calibrate' or 'measured' holds 1.0 until the
+        measurement: the plan of such a run takes its gamma from ``gamma.json``)."""
         return replacement_options(self.replace, self.selection)
 
 
 def replacement_options(r: ReplaceSection, s: SelectionSection) -> ReplacementOptions:
-    """The replacement options of a ``replace:`` and a ``selection:`` section (gamma 'calibrate' starts
-    at the first candidate)."""
+    """The replacement options of a ``replace:`` and a ``selection:`` section (gamma 'calibrate' or
+    'measured' holds 1.0 until it is measured)."""
     from flexigpt.prune.depth.replace import ReplacementOptions  # torch: only once a run starts
 
-    gamma = r.gamma_candidates[0] if r.gamma == "calibrate" else float(r.gamma)
+    gamma = 1.0 if isinstance(r.gamma, str) else float(r.gamma)
     return ReplacementOptions(
         rank=r.rank,
         targets=tuple(r.targets),

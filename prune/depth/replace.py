@@ -14,25 +14,23 @@ what it names: ``svd_init`` (off: standard LoRA init), ``out_norm`` (off: no out
 ``low_rank_metric`` (off: bases chosen by the plain Frobenius distance; it only changes which
 block each slot runs).
 
-``calibrate_gamma`` picks the output-norm gamma on calibration data so that the model right after
-pruning is close to ShortGPT's perplexity (the paper does not report its value).
+The output-norm gamma's other readings (measured from the slots' outputs, calibrated) live in
+``flexigpt.prune.depth.gamma``; ``GammaCalibration`` and ``calibrate_gamma`` are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
+from flexigpt.prune.depth.gamma import GammaCalibration as GammaCalibration
+from flexigpt.prune.depth.gamma import calibrate_gamma as calibrate_gamma
 from flexigpt.prune.depth.selection import COMBINES, SVDS, BlockSource, SelectionResult, select_bases
-from flexigpt.shared.engine.adapters import OutputNorm
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import TARGETS, AdapterSpec, OutNormSpec, Plan, PlanError, SlotSpec
-from flexigpt.shared.evaluate.perplexity import sample_perplexity
 
 
 @dataclass(frozen=True)
@@ -336,77 +334,3 @@ def _options_dict(options: ReplacementOptions) -> dict[str, Any]:
     d = asdict(options)
     d["targets"] = list(d["targets"])
     return d
-
-
-# ---------------------------------------------------------------------------------------- gamma
-
-
-@dataclass
-class GammaCalibration:
-    """Outcome of ``calibrate_gamma``."""
-
-    gamma: float
-    """The chosen initial gamma (already written into the model)."""
-    target_ppl: float
-    """Perplexity aimed at: ShortGPT's (gamma 0 silences every replacement slot) unless given."""
-    table: list[tuple[float, float]] = field(default_factory=list)
-    """(gamma, perplexity) for every candidate tried."""
-
-
-def calibrate_gamma(
-    model: nn.Module,
-    samples: Sequence[torch.Tensor],
-    *,
-    candidates: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    target_ppl: float | None = None,
-    rule: str = "largest_below",
-    progress: bool = True,
-) -> GammaCalibration:
-    """Choose the output-norm gamma of a pruned shared model from its perplexity on calibration data.
-
-    Every output norm's gamma is filled with each candidate in turn. With gamma = 0 a replacement
-    slot adds nothing, so the model is exactly the ShortGPT model: its perplexity is the default
-    target. ``largest_below`` keeps the largest gamma whose perplexity does not exceed the target
-    (the slots contribute as much as they can without hurting; falls back to the lowest
-    perplexity), ``closest`` the gamma whose log-perplexity is nearest the target.
-
-    Args:
-        model: a shared model from ``apply_plan`` with output norms.
-        samples: calibration token ids (a sequence: it is read once per candidate).
-        candidates: gamma values to try (> 0).
-        target_ppl: perplexity to aim at; None measures ShortGPT's (gamma = 0).
-        rule: largest_below or closest.
-        progress: tqdm bars.
-
-    Returns:
-        The chosen gamma (left in the model) and the table of measurements.
-
-    Raises:
-        ValueError: no output norms in the model, bad candidates or rule.
-    """
-    if rule not in ("largest_below", "closest"):
-        raise ValueError(f"rule={rule!r} is unknown; allowed: ['largest_below', 'closest']")
-    if not candidates or any(not g > 0 for g in candidates):
-        raise ValueError(f"candidates={list(candidates)}: need one or more values > 0")
-    weights = [m.out_norm.weight for m in model.modules() if isinstance(m, OutputNorm)]
-    if not weights:
-        raise ValueError("model has no output norms (plan with out_norm off?): nothing to calibrate")
-
-    def ppl_at(gamma: float) -> float:
-        with torch.no_grad():
-            for w in weights:
-                w.fill_(gamma)
-        return sample_perplexity(model, samples, progress=progress, desc=f"gamma {gamma:g}").ppl
-
-    if target_ppl is None:
-        target_ppl = ppl_at(0.0)
-    table = [(float(g), ppl_at(g)) for g in sorted(candidates)]
-    if rule == "largest_below":
-        ok = [g for g, p in table if p <= target_ppl]
-        gamma = max(ok) if ok else min(table, key=lambda gp: gp[1])[0]
-    else:
-        gamma = min(table, key=lambda gp: abs(math.log(gp[1] / target_ppl)))[0]
-    with torch.no_grad():
-        for w in weights:
-            w.fill_(gamma)
-    return GammaCalibration(gamma, float(target_ppl), table)

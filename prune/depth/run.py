@@ -32,13 +32,22 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 from flexigpt.prune.depth.build import PruneError, build_variant, export_plain
+from flexigpt.prune.depth.gamma import (
+    MEASURED,
+    NONE,
+    GammaCalibration,
+    calibrate_gamma,
+    candidate_order,
+    measure_gamma,
+)
 from flexigpt.prune.depth.importance import ImportanceResult, n_blocks_to_remove
 from flexigpt.prune.depth.plots import plot_distances, plot_importance
 from flexigpt.prune.depth.recipe import PruneRecipe
-from flexigpt.prune.depth.replace import GammaCalibration, build_plan, calibrate_gamma
+from flexigpt.prune.depth.replace import build_plan
 from flexigpt.prune.depth.selection import SelectionResult
 from flexigpt.prune.depth.steps import (
     SourceModel,
@@ -141,10 +150,15 @@ def variant_plan(
     selection: SelectionResult | None,
     gamma: GammaCalibration | None = None,
 ) -> Plan:
-    """The plan of one variant; with a gamma calibration, its chosen gamma is the plan's."""
+    """The plan of one variant; with a measured or calibrated gamma, the chosen one is the plan's
+    (``none``: no output norm; ``measured``: the plan records the mean of the per-feature gammas,
+    which the saved model holds)."""
     options = recipe.prune.options()
-    if gamma is not None:
-        options = dc_replace(options, gamma=gamma.gamma)
+    if gamma is not None and gamma.gamma == NONE:
+        options = dc_replace(options, out_norm=False, gamma=0.0)
+    elif gamma is not None:
+        value = gamma.measured_mean if gamma.gamma == MEASURED else gamma.gamma
+        options = dc_replace(options, gamma=round(float(value), 6))
     try:
         plan = build_plan(kind, config, selection if kind == "flexigpt" else removed, options)
     except PlanError as e:
@@ -153,12 +167,14 @@ def variant_plan(
     plan.notes.update(
         {"source": recipe.model.source, "ratio": p.ratio, "ratio_rule": p.ratio_rule, "importance": p.metric}
     )
-    if gamma is not None:
+    if gamma is not None and p.replace.gamma == "calibrate":
         plan.notes["gamma_calibration"] = {
             "rule": p.replace.gamma_rule,
-            "candidates": sorted(p.replace.gamma_candidates),
+            "candidates": candidate_order(p.replace.gamma_candidates),
             "gamma": gamma.gamma,
         }
+    if gamma is not None and gamma.gamma == MEASURED:
+        plan.notes["gamma_measured"] = {"mean": gamma.measured_mean, "per_feature": True}
     return plan
 
 
@@ -167,14 +183,16 @@ def _saved_gamma(vdir: Path) -> GammaCalibration | None:
     if not path.is_file():
         return None
     d = json.loads(path.read_text())
-    return GammaCalibration(d["gamma"], d["target_ppl"], [tuple(x) for x in d["table"]])
+    return GammaCalibration(
+        d["gamma"], d["target_ppl"], [tuple(x) for x in d["table"]], d.get("measured_mean")
+    )
 
 
 def plans_for(
     recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, removed: list[int], sel: SelectionResult | None
 ) -> dict[str, Plan]:
-    """Every variant's plan (a calibrated gamma is read back from its ``gamma.json``)."""
-    calibrate = recipe.prune.replace.gamma == "calibrate"
+    """Every variant's plan (a calibrated or measured gamma is read back from its ``gamma.json``)."""
+    calibrate = recipe.prune.replace.gamma in ("calibrate", MEASURED)
     return {
         v: variant_plan(
             recipe,
@@ -315,7 +333,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
             result.ppl,
             name in trained_variants(recipe),
         )
-    if "flexigpt" in p.variants and p.replace.gamma == "calibrate" and gamma_file.is_file():
+    if "flexigpt" in p.variants and p.replace.gamma in ("calibrate", MEASURED) and gamma_file.is_file():
         text = json.loads(gamma_file.read_text()).get("text", {}).get("described", "(not recorded)")
         summary.texts["gamma chosen on"] = text
     source.free()
@@ -338,7 +356,7 @@ def _log_plans(
     for name, plan in plans.items():
         stored = expected_trainable(plan, config, "all")
         # a plan still holding the placeholder gamma would be read as the model's: printed after calibration
-        pending = name == "flexigpt" and r.gamma == "calibrate" and states[name] == "fresh"
+        pending = name == "flexigpt" and r.gamma in ("calibrate", MEASURED) and states[name] == "fresh"
         if not pending:
             log(f"[{name}] {plan.summary()}")
         log(f"[{name}] stored parameters: {stored:,} = {stored / source:.2%} of the source's {source:,}")
@@ -352,10 +370,8 @@ def _log_plans(
             log(f"WARNING: {msg}")
             warnings.warn(msg, stacklevel=2)
         if pending:
-            log(
-                f"[{name}] gamma: calibrate (chosen from {r.gamma_candidates} once the model is built; "
-                "its plan follows then)"
-            )
+            how = f"chosen from {r.gamma_candidates}" if r.gamma == "calibrate" else "measured"
+            log(f"[{name}] gamma: {r.gamma} ({how} once the model is built; its plan follows then)")
 
 
 def _build(
@@ -371,34 +387,14 @@ def _build(
 ) -> tuple[Any, Plan]:
     """Build one variant from the loaded source, save ``initial/`` (and the plain export), then the plan.
 
-    With ``gamma: calibrate`` gamma is chosen on the gamma text, which holds none of the documents
-    the start perplexities (`ppl`) are measured on, and the plan is printed once it holds that gamma.
+    With ``gamma: calibrate`` or ``measured`` gamma is chosen on the gamma text, which holds none of
+    the documents the start perplexities (`ppl`) are measured on, and the plan is printed once it
+    holds that gamma.
     """
     vdir, tokenizer = rd.variant(name), ppl.tokenizer
     model = build_variant(source.get(), plan, config, seed=recipe.train.seed)
-    if name == "flexigpt" and recipe.prune.replace.gamma == "calibrate":
-        r = recipe.prune.replace
-        ppl.tokens()  # reads the start-perplexity documents, which the gamma text must leave out
-        samples, text = gamma_tensors(
-            recipe, tokenizer, getattr(config, "max_position_embeddings", None), ppl.documents
-        )
-        cal = calibrate_gamma(model, samples, candidates=r.gamma_candidates, rule=r.gamma_rule)
-        vdir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(
-            vdir / "gamma.json",
-            json.dumps(
-                {"gamma": cal.gamma, "target_ppl": cal.target_ppl, "table": cal.table, "text": text}, indent=1
-            )
-            + "\n",
-        )
-        tried = ", ".join(f"{g:g}: {p:.2f}" for g, p in cal.table)
-        log(
-            f"[{name}] gamma calibrated: {cal.gamma:g} (ShortGPT ppl {cal.target_ppl:.2f}; tried {tried}) "
-            f"on {text['described']}"
-        )
-        plan = variant_plan(recipe, config, name, list(plan.removed_blocks), sel, cal)
-        model.plan = plan  # only gamma's initial value differs, and calibrate_gamma left it in the model
-        log(f"[{name}] {plan.summary()}")
+    if name == "flexigpt" and recipe.prune.replace.gamma in ("calibrate", MEASURED):
+        model, plan = _choose_gamma(recipe, config, name, plan, model, sel, source, ppl, log)
     save_compact(model, vdir / INITIAL, tokenizer=tokenizer)
     if name == "shortgpt":
         export_plain(model, vdir / PLAIN, tokenizer=tokenizer)
@@ -407,20 +403,70 @@ def _build(
     return model, plan
 
 
+def _choose_gamma(
+    recipe: PruneRecipe,
+    config: PretrainedConfig,
+    name: str,
+    plan: Plan,
+    model: Any,
+    sel: SelectionResult | None,
+    source: SourceModel,
+    ppl: StartPerplexity,
+    log: Callable,
+) -> tuple[Any, Plan]:
+    """Measure or calibrate gamma on the gamma text, write ``gamma.json``; the model and plan that hold it."""
+    r, vdir = recipe.prune.replace, RunDir(Path(recipe.output_dir)).variant(name)
+    ppl.tokens()  # reads the start-perplexity documents, which the gamma text must leave out
+    samples, text = gamma_tensors(
+        recipe, ppl.tokenizer, getattr(config, "max_position_embeddings", None), ppl.documents
+    )
+    if r.gamma == MEASURED:
+        gammas = measure_gamma(model, samples)
+        cal = GammaCalibration(MEASURED, None, [], float(torch.cat(gammas).mean()))
+        log(f"[{name}] gamma measured: per feature, mean {cal.measured_mean:.4g} on {text['described']}")
+    else:
+        cal = calibrate_gamma(model, samples, candidates=r.gamma_candidates, rule=r.gamma_rule)
+        tried = ", ".join(f"{_label(g)}: {p:.2f}" for g, p in cal.table)
+        log(
+            f"[{name}] gamma calibrated: {_label(cal.gamma)} (ShortGPT ppl {cal.target_ppl:.2f}; tried {tried}) "
+            f"on {text['described']}"
+        )
+    vdir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "gamma": cal.gamma,
+        "target_ppl": cal.target_ppl,
+        "table": cal.table,
+        "measured_mean": cal.measured_mean,
+    }
+    write_text_atomic(vdir / "gamma.json", json.dumps({**record, "text": text}, indent=1) + "\n")
+    plan = variant_plan(recipe, config, name, list(plan.removed_blocks), sel, cal)
+    if cal.gamma == NONE:
+        model = build_variant(source.get(), plan, config, seed=recipe.train.seed)  # exactly the no-norm model
+    else:
+        model.plan = plan  # only gamma's initial value differs, and it is in the model already
+    log(f"[{name}] {plan.summary()}")
+    return model, plan
+
+
+def _label(gamma: Any) -> str:
+    return gamma if isinstance(gamma, str) else f"{gamma:g}"
+
+
 # ------------------------------------------------------------------------------------ training
 def trained_variants(recipe: PruneRecipe) -> list[str]:
     """The variants that get a recovery run (shortgpt only with ``prune.shortgpt_recovery: all``)."""
     return [v for v in recipe.prune.variants if v != "shortgpt" or recipe.prune.shortgpt_recovery == "all"]
 
 
-def train_recipe(recipe: PruneRecipe, name: str) -> TrainRecipe:
+def train_recipe(recipe: PruneRecipe, name: str, overrides: dict[str, Any] | None = None) -> TrainRecipe:
     """The ``train`` recipe of one variant: the prune recipe's sections, starting from its ``initial/``.
 
     Every variant gets the same ``train:`` and ``data:`` (the same recovery budget); the ShortGPT model
-    has no adapters, so its (optional) recovery trains every parameter.
+    has no adapters, so its (optional) recovery trains every parameter. `overrides` replace ``train:``
+    values (the compare command's per-method learning rate).
     """
     vdir = RunDir(Path(recipe.output_dir)).variant(name)
-    train: dict[str, Any] = {}
+    train: dict[str, Any] = dict(overrides or {})
     if name == "shortgpt":
         train["trainable"] = "all"
     plan = Plan.load(vdir / "plan.json")

@@ -126,6 +126,10 @@ class OutputNorm(nn.Module):
     FlexiGPT eq. 6: h -> (h - mean(h)) / std(h) * gamma, per token over the hidden dimension. Placed
     on o_proj and down_proj outputs, which in Llama-family decoders are exactly the attention and
     MLP outputs before the residual add. With gamma = 0 the slot adds nothing to the residual.
+
+    ``bypass`` (a plain attribute, never saved) skips the norm: the wrapper then computes exactly
+    the sub-layer without it, which is how gamma calibration and the measured gamma see the slot
+    without its norm.
     """
 
     def __init__(self, base_layer: nn.Module, like: torch.Tensor, gamma: float, eps: float) -> None:
@@ -135,6 +139,8 @@ class OutputNorm(nn.Module):
         self.out_norm = nn.LayerNorm(like.shape[0], eps=eps, bias=False, device=like.device, dtype=like.dtype)
         with torch.no_grad():
             self.out_norm.weight.fill_(gamma)
+        self.bypass = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_norm(self.base_layer(x))
+        h = self.base_layer(x)
+        return h if self.bypass else self.out_norm(h)

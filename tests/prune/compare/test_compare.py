@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import yaml
 from transformers import AutoModelForCausalLM
 
 from flexigpt.prune.cli import main
@@ -14,6 +15,7 @@ from flexigpt.prune.compare.card import param_counts
 from flexigpt.prune.compare.recipe import BASELINE_METHODS, METHODS
 from flexigpt.prune.depth.baselines import BASELINES
 from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.evaluate.zeroshot import write_choice_task
 
 from ..conftest import prune_overrides
@@ -39,7 +41,11 @@ def _task(d: Path) -> Path:
 
 def test_registered_baselines_are_the_recipe_methods() -> None:
     assert set(BASELINE_METHODS) == set(BASELINES)
-    assert len(METHODS) == len(set(METHODS)) == 9
+    assert len(METHODS) == len(set(METHODS)) == 12
+
+
+def _recipe_methods() -> list[str]:
+    return yaml.safe_load(Path(RECIPE).read_text())["compare"]["methods"]
 
 
 def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, capsys) -> None:
@@ -48,15 +54,21 @@ def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, ca
     extra = [
         "train.max_steps=2",
         "train.checkpoint_every=2",
+        "compare.lr={shortgpt: 1.0e-3, reverse: 5.0e-4}",
         f"compare.zeroshot={{tasks: [toy_choice], include_path: [{tasks}], include_defaults: false, batch_size: 4}}",
     ]
     assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
     card = json.loads((out / "comparison.json").read_text())
     rows = {m["name"]: m for m in card["methods"]}
-    assert sorted(rows) == sorted(METHODS)
+    assert sorted(rows) == sorted(_recipe_methods())
     tokens = {r["recovery_tokens"] for r in rows.values()}
     assert tokens == {2 * 2 * 2 * 32}  # steps x micro x accum x seq_len: one budget for every method
-    assert rows["reverse"]["recovery_trainable"] == "layers [2, 3] + head"
+    # compare.lr reaches each named method's trainer; the others train at train.lr
+    assert rows["reverse"]["recovery_trainable"] == "layers [2, 3] + head, lr 0.0005"
+    assert rows["shortgpt"]["recovery_trainable"] == "all, lr 0.001"
+    assert rows["flexigpt"]["recovery_trainable"] == "adapters+norms, lr 0.01"
+    assert json.loads((out / "prune" / "shortgpt" / "recovery.json").read_text())["lr"] == 1e-3
+    assert yaml.safe_load((out / "prune" / "shortgpt" / "recipe.yaml").read_text())["train"]["lr"] == 1e-3
     assert rows["streamline"]["method_tokens"] > 0
     # sizes three ways, recounted from the saved models
     for name, r in rows.items():
@@ -70,13 +82,13 @@ def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, ca
         assert r["speed"]["decode_ms_per_token"] > 0 and r["ppl"]["data.eval"] > 1
     assert rows["shortgpt"]["params"] < card["source"]["params"]
     assert rows["flexigpt"]["layers"] == 6 and rows["replaceme"]["layers"] == 4
-    # FlexiGPT without the output norm: the same slots, no norm parameters
-    assert rows["flexigpt_no_norm"]["layers"] == 6
-    assert rows["flexigpt_no_norm"]["params"] < rows["flexigpt"]["params"]
-    assert rows["flexigpt_no_norm"]["params_decoder_linear"] == rows["flexigpt"]["params_decoder_linear"]
+    # FlexiGPT with the paper's gamma: the same slots and parameters, another start
+    assert rows["flexigpt_gamma_paper"]["params"] == rows["flexigpt"]["params"]
+    assert rows["flexigpt_gamma_paper"]["ppl_start"] != rows["flexigpt"]["ppl_start"]
     md = (out / "comparison.md").read_text()
     assert "toy_choice acc / acc_norm" in md and "recovery tokens equal for every method" in md
-    assert "text rule:" in md and all(f"| {m} |" in md for m in METHODS)
+    assert "compare.lr: shortgpt 0.001, reverse 0.0005" in md
+    assert "text rule:" in md and all(f"| {m} |" in md for m in _recipe_methods())
     assert (out / "comparison.png").stat().st_size > 10_000
     # every baseline is a plain model that plain transformers loads
     for m in BASELINE_METHODS:
@@ -104,17 +116,49 @@ def test_unknown_method_is_refused_naming_the_allowed_ones(prune_workspace, tmp_
     assert not out.exists()
 
 
+def test_bad_learning_rates_and_duplicate_options_are_refused(prune_workspace, tmp_path, capsys) -> None:
+    out = tmp_path / "bad"
+    for values, want in (
+        (["compare.lr={slep: 1.0e-3}"], "compare.lr"),
+        (["compare.lr={shortgpt: 0}"], "each with an lr > 0"),
+        (["compare.methods=[shortgpt]", "compare.lr={sleb: 1.0e-3}"], "name methods of compare.methods"),
+    ):
+        assert main([RECIPE, *prune_overrides(prune_workspace, out, *values)]) == 2
+        err = capsys.readouterr().err
+        assert want in err and "Traceback" not in err, err
+    twice = "compare.methods=[flexigpt, flexigpt_measured]"
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, twice)]) == 2
+    assert "flexigpt built twice" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_training_free_comparison_trains_nothing(prune_workspace, tmp_path) -> None:
     out = tmp_path / "free"
-    extra = ["compare.recovery=none", "compare.methods=[shortgpt, flexigpt_no_norm, replaceme, reverse]"]
+    methods = "[shortgpt, flexigpt_no_norm, flexigpt_gamma_paper, flexigpt_calibrated, replaceme, reverse]"
+    extra = ["compare.recovery=none", f"compare.methods={methods}"]
     assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
     card = json.loads((out / "comparison.json").read_text())
     assert {m["name"]: m["recovery_tokens"] for m in card["methods"]} == {
         "shortgpt": 0,
         "flexigpt_no_norm": 0,
+        "flexigpt_gamma_paper": 0,
+        "flexigpt_calibrated": 0,
         "replaceme": 0,
         "reverse": 0,
     }
+    # the output-norm options: the paper's gamma, no norm (the same slots without norm parameters), and
+    # a calibration among numbers, measured and none
+    rows = {m["name"]: m for m in card["methods"]}
+    paper = Plan.load(out / "prune-gamma-paper" / "flexigpt" / "plan.json")
+    assert {s.out_norm.gamma for s in paper.slots if s.out_norm} == {0.01}
+    assert rows["flexigpt_no_norm"]["layers"] == rows["flexigpt_gamma_paper"]["layers"] == 6
+    assert rows["flexigpt_no_norm"]["params"] < rows["flexigpt_gamma_paper"]["params"]
+    assert (
+        rows["flexigpt_no_norm"]["params_decoder_linear"]
+        == rows["flexigpt_gamma_paper"]["params_decoder_linear"]
+    )
+    cal = json.loads((out / "prune-calibrated" / "flexigpt" / "gamma.json").read_text())
+    assert [g for g, _ in cal["table"]] == [0.001, 0.003, 0.01, 0.03, 0.1, "measured", "none"]
     assert not (out / "reverse" / "checkpoints").exists()
     md = (out / "comparison.md").read_text()
     assert "recovery: none" in md and "weights sha256" in md  # the source is pinned by its weights
