@@ -196,7 +196,7 @@ class TailorSection(Section):
     replace: ReplaceSection = Field(
         default_factory=ReplaceSection,
         description="Replacement slots of recovery: flexigpt (the prune command's prune.replace keys; gamma "
-        "must be a number).",
+        "is 'measured', on warm_start.calibration_files, or a number).",
     )
     selection: SelectionSection = Field(
         default_factory=SelectionSection,
@@ -208,7 +208,18 @@ class TailorSection(Section):
     def _check(self) -> TailorSection:
         if self.replace.gamma == "calibrate":
             raise ValueError(
-                "replace.gamma='calibrate' is not offered by the tailor command; give a number (e.g. 0.01)"
+                "replace.gamma='calibrate' is not offered by the tailor command; give 'measured' or a number "
+                "(e.g. 0.01)"
+            )
+        if (
+            self.recovery == "flexigpt"
+            and self.replace.out_norm
+            and self.replace.gamma == "measured"
+            and not self.warm_start.calibration_files
+        ):
+            raise ValueError(
+                "replace.gamma='measured' measures the output norms on warm_start.calibration_files, which is "
+                "empty; give calibration files or a number for replace.gamma (e.g. 0.01)"
             )
         if self.selection.read_from == "safetensors":
             raise ValueError(

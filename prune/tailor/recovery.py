@@ -68,8 +68,34 @@ def flexigpt_model(recipe: TailorRecipe, plan: StitchPlan, log: Callable[..., No
         shared = build_variant(model, slots, model.config, seed=recipe.train.seed if recipe.train else None)
     except (PlanError, PruneError) as e:
         raise StitchError(f"tailor.replace: {e}") from e
+    if t.replace.out_norm and t.replace.gamma == "measured":
+        _measure_gamma(recipe, shared, device, log)
     log(f"[flexigpt] picks (removed position -> kept block): {sel.picks}; {slots.summary()}", flush=True)
     return shared
+
+
+def _measure_gamma(recipe: TailorRecipe, model: Any, device: Any, log: Callable[..., None]) -> None:
+    """``replace.gamma: measured``: each output norm starts at its slot's own output scale, measured on
+    the warm-start calibration text (the prune command measures on its gamma text the same way)."""
+    from flexigpt.prune.depth.gamma import measure_gamma
+    from flexigpt.prune.depth.importance import calibration_samples
+    from flexigpt.prune.tailor.run import calibration_texts
+    from flexigpt.shared.command import load_command_tokenizer
+
+    ws = recipe.tailor.warm_start
+    tok = load_command_tokenizer(recipe.model, StitchError)
+    samples = calibration_samples(
+        calibration_texts(ws.calibration_files),
+        lambda s: tok(s, add_special_tokens=False)["input_ids"],
+        num_samples=ws.calibration_samples,
+        seq_len=ws.calibration_seq_len,
+        pack=False,
+        bos_id=tok.bos_token_id,
+    )
+    gammas = measure_gamma(model, [x.to(device) for x in samples])
+    mean = float(sum(g.mean() for g in gammas) / len(gammas))
+    model.plan.notes["gamma_measured"] = {"mean": mean, "per_feature": True}
+    log(f"[flexigpt] output-norm gamma measured on the calibration text: mean {mean:.3g}", flush=True)
 
 
 def flexigpt_initial(recipe: TailorRecipe, log: Callable[..., None] = print) -> Path:

@@ -60,7 +60,8 @@ def fingerprint(recipe: TailorRecipe) -> dict[str, Any]:
     return json.loads(json.dumps(flat))
 
 
-def _texts(patterns: list[str]) -> Iterator[str]:
+def calibration_texts(patterns: list[str]) -> Iterator[str]:
+    """The documents of ``tailor.warm_start.calibration_files`` (txt: one per line; jsonl: its ``text``)."""
     files = sorted({f for p in patterns for f in glob.glob(p)})
     if not files:
         raise StitchError(f"tailor.warm_start.calibration_files={patterns}: no file matches")
@@ -93,7 +94,7 @@ def removal_orders(
 
             model = AutoModelForCausalLM.from_pretrained(sources.base.path, dtype=dtype).to(device)
             samples = calibration_samples(
-                _texts(ws.calibration_files),
+                calibration_texts(ws.calibration_files),
                 lambda s: tok(s, add_special_tokens=False)["input_ids"],
                 num_samples=ws.calibration_samples,
                 seq_len=ws.calibration_seq_len,
@@ -202,7 +203,7 @@ def run(recipe: TailorRecipe, log: Callable[..., None] = print) -> dict[str, Any
         parse_tasks(t.objective.tasks),
     )
     if t.warm_start.calibration_files and "block_influence" in t.warm_start.heuristics:
-        next(iter(_texts(t.warm_start.calibration_files)), None)
+        next(iter(calibration_texts(t.warm_start.calibration_files)), None)
     out.mkdir(parents=True, exist_ok=True)
     combine = t.objective.combine
     budgets = t.budgets.rungs() if t.budgets.pruner != "none" else [t.budgets.max]

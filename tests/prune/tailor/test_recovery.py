@@ -54,6 +54,11 @@ def test_flexigpt_recovery_fills_the_removed_positions_with_reusing_slots_and_tr
         else:
             assert slot.block == i and slot.adapter is None
     assert plan.notes["stitch_plan"]["positions"] == chosen.to_dict()["positions"]
+    # the default gamma is measured on the calibration text: the norms start at the slots' own scale
+    assert plan.notes["gamma_measured"]["mean"] > 0.05
+    initial = AutoModelForCausalLM.from_pretrained(out / "flexigpt" / "initial")
+    gammas = [p for n, p in initial.named_parameters() if "out_norm" in n and n.endswith("weight")]
+    assert gammas and all(not torch.allclose(g, torch.ones_like(g)) for g in gammas)
 
     # the trained model is saved compact (the blocks stored once) and loads with from_pretrained
     final = out / "flexigpt" / "final"
@@ -78,6 +83,14 @@ def test_recovery_keys_are_checked(tailor_setting, tmp_path, capsys) -> None:
         (["tailor.recovery=flexigpt"], "tailor.recovery=flexigpt trains the replacement slots"),
         (["tailor.recovery=lora"], "tailor.recovery"),
         (["tailor.replace.gamma=calibrate"], "replace.gamma='calibrate' is not offered"),
+        (
+            [
+                "tailor.recovery=flexigpt",
+                "tailor.warm_start.heuristics=[top]",
+                "tailor.warm_start.calibration_files=[]",
+            ],
+            "replace.gamma='measured' measures the output norms on warm_start.calibration_files",
+        ),
         (["tailor.selection.read_from=safetensors"], "selection.read_from"),
     ]
     for override, expected in cases:
