@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,11 @@ from flexigpt.prune.depth.selection import (
     source_from_model,
     source_from_safetensors,
 )
-from flexigpt.shared.command import pick_device
-from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.command import pick_device, read_source_config
+from flexigpt.shared.engine.apply import SOURCE_CLASSES
+from flexigpt.shared.engine.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_model
+from flexigpt.shared.engine.layout import get_layout
+from flexigpt.shared.engine.stream import StreamedSource, StreamError
 from flexigpt.shared.evaluate.perplexity import (
     PerplexityResult,
     encode_documents,
@@ -43,6 +46,8 @@ from flexigpt.shared.train.components import DTYPES, PRECISION_DTYPE
 from flexigpt.shared.train.data import DataError
 from flexigpt.shared.train.ds_config import resolve_precision
 
+# The shard size of the checkpoints a per-block run writes: one shard is in memory while it is written.
+STREAM_SHARD_SIZE = "2GB"
 # The safetensors files a base selection needs from a hub snapshot (never the .bin weights).
 _WEIGHT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
 
@@ -87,6 +92,65 @@ class SourceModel:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    streamed = False
+    read = None
+    """How a checkpoint writer reads tensors (None: as they are in memory)."""
+    blocks = None
+    """What ``apply_plan`` enters while a slot is built (None: nothing, every block is in memory)."""
+    shard_size = DEFAULT_MAX_SHARD_SIZE
+
+    def running(self, model: Any, blocks: list[int] | None = None) -> AbstractContextManager:
+        """`model` ready to run a forward (it is: the whole model is in memory)."""
+        return nullcontext(model)
+
+
+class StreamedSourceModel(SourceModel):
+    """``prune.memory: per_block``: the source with its block matrices read from safetensors on demand.
+
+    The top modules and every block's norms are in memory; a forward reads one block at a time
+    (``running``), an SVD init the two blocks it compares (``blocks``), a checkpoint one shard at a
+    time (``read``). Nothing here ever holds the whole model.
+
+    Raises:
+        PruneError: model.source is not a local (or locally cached) checkpoint with safetensors files.
+    """
+
+    shard_size = STREAM_SHARD_SIZE
+
+    def __init__(self, recipe: PruneRecipe, device: torch.device, dtype: torch.dtype, log: Callable) -> None:
+        super().__init__(recipe, device, dtype, log)
+        src = recipe.model.source
+        folder = _weights_dir(src, allow_download=False)
+        try:
+            if folder is None:
+                raise StreamError(f"no local directory or locally cached snapshot of {src!r}")
+            config = read_source_config(src, PruneError, "prune a plain model")
+            config._attn_implementation = recipe.model.attn_implementation or "sdpa"
+            layout = get_layout(config)
+            self.stream = StreamedSource(folder, config, SOURCE_CLASSES[layout.model_type], dtype, device)
+        except StreamError as e:
+            raise PruneError(
+                f"prune.memory='per_block' reads model.source block by block from its safetensors files: {e}; "
+                "use a local checkpoint with safetensors weights, or prune.memory='whole'"
+            ) from e
+        self.streamed, self.read, self.blocks = True, self.stream.read, self.stream.materialized
+        log(f"reading {src} block by block ({str(dtype).split('.')[-1]}, {device}) from {folder}")
+
+    @property
+    def loaded(self) -> bool:
+        return False  # never whole
+
+    def get(self) -> PreTrainedModel:
+        return self.stream.model
+
+    def free(self) -> None:
+        gc.collect()
+
+    def running(self, model: Any, blocks: list[int] | None = None) -> AbstractContextManager:
+        """`model` (the source, or a variant built from it whose layer i runs ``blocks[i]``) running
+        one block at a time."""
+        return self.stream.forward(model, blocks)
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -247,10 +311,20 @@ def importance_step(
     model = source.get()
     key = "prune.calibration.stream" if recipe.prune.calibration.stream else "prune.calibration (data stream)"
     with named_errors(key):
-        samples = calibration_tensors(
+        samples: Any = calibration_tensors(
             recipe, tokenizer, getattr(model.config, "max_position_embeddings", None)
         )
-        result = compute_importance(model, samples, recipe.prune.metric, progress=True)
+        n = None
+        if source.streamed:
+            # every sample goes through a block while it is in memory: one batch when the lengths agree
+            samples = list(samples)
+            n = len(samples)
+            if n > 1 and len({t.shape[-1] for t in samples}) == 1:
+                samples = [torch.cat([t.reshape(-1, t.shape[-1]) for t in samples])]
+        with source.running(model):
+            result = compute_importance(model, samples, recipe.prune.metric, progress=True)
+        if n is not None:
+            result.num_samples = n
     result.extra["calibration"] = settings
     rule = text_rule(recipe, tokenizer)
     result.extra["text"] = {"rule": rule.to_dict(), "described": _calibration_text(recipe, rule)}
@@ -283,6 +357,11 @@ def block_source(recipe: PruneRecipe, source: SourceModel) -> tuple[BlockSource,
             raise PruneError(
                 f"prune.selection.read_from='safetensors': no local files for model.source={recipe.model.source!r}"
             )
+    if source.streamed:  # its blocks are placeholders: never read them as weights
+        raise PruneError(
+            f"prune.memory='per_block': no safetensors files to read the blocks from for model.source="
+            f"{recipe.model.source!r}"
+        )
     return source_from_model(source.get()), "the loaded model"
 
 
