@@ -115,3 +115,39 @@ def test_per_block_refuses_what_would_load_the_whole_model(prune_workspace, tmp_
     err = capsys.readouterr().err
     assert "prune.memory" in err and "per_block" in err and "whole" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_per_block_refuses_a_source_without_safetensors(prune_workspace, tmp_path, capsys):
+    src = tmp_path / "bin-model"
+    model = tiny_model("llama2", num_layers=3, hidden=32, heads=2, vocab=512)
+    model.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")  # the older weights format only
+    (src / "model.safetensors").unlink()
+    assert not list(src.glob("*.safetensors"))
+    out = tmp_path / "out"
+    code = _prune(
+        prune_workspace,
+        out,
+        "prune.memory=per_block",
+        f"model.source={src}",
+        "model.allow_pickle_weights=true",
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "prune.memory='per_block'" in err and "safetensors" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_randomized_svd_init_reproduces_a_low_rank_difference():
+    from flexigpt.shared.engine.adapters import init_lora, make_lora
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(48, 40, bias=False)
+    target = base.weight.detach() + torch.randn(40, 4, generator=g) @ torch.randn(4, 48, generator=g)
+    deltas = {}
+    for mode in ("svd", "svd_randomized"):
+        lora = make_lora(base, 8, None)
+        init_lora(lora, mode, target)
+        deltas[mode] = lora.delta_weight()
+    want = target - base.weight.detach()
+    assert torch.allclose(deltas["svd"], want, atol=1e-5)
+    assert torch.allclose(deltas["svd_randomized"], want, atol=1e-4)
