@@ -217,6 +217,19 @@ def main() -> None:
     ap.add_argument(
         "--ppl-tokens", type=int, default=2048, help="start-perplexity tokens (windows of <= 1024)"
     )
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a model this script wrote earlier (--shape must match; kept)",
+    )
+    ap.add_argument(
+        "--importance",
+        type=Path,
+        default=None,
+        help="importance.json of an earlier run on that model with the same calibration: put into the output "
+        "directory, which the command then reuses as on any rerun (the importance step is not measured)",
+    )
     args = ap.parse_args()
     if not (DATA / "tokenizers" / "llama2-32k.model").is_file():
         print(f"skipped: {DATA} not found")
@@ -229,12 +242,20 @@ def main() -> None:
     times: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
-        params, nbytes = write_model(root / "model", args.shape, args.layers)
+        if args.model is None:
+            params, nbytes = write_model(root / "model", args.shape, args.layers)
+            model_dir = root / "model"
+        else:
+            model_dir = args.model
+            nbytes = json.loads((model_dir / "model.safetensors.index.json").read_text())["metadata"][
+                "total_size"
+            ]
+            params = nbytes // 2
         figures["write_s"] = round(time.perf_counter() - t0, 1)
         figures["params"], figures["model_gib_bf16"] = params, round(nbytes / 2**30, 2)
         load_tokenizer(DATA / "tokenizers" / "llama2-32k.model").save_pretrained(root / "tok")
         print(
-            f"wrote {params:,} parameters ({nbytes / 2**30:.2f} GiB bf16) in {figures['write_s']} s",
+            f"{'wrote' if args.model is None else 'reusing'} {params:,} parameters ({nbytes / 2**30:.2f} GiB bf16) in {figures['write_s']} s",
             flush=True,
         )
         wiki = DATA / "wikitext-2"
@@ -243,7 +264,7 @@ def main() -> None:
             "-m",
             "flexigpt.prune",
             str(REPO / "recipes" / "prune" / "local-tiny.yaml"),
-            f"model.source={root / 'model'}",
+            f"model.source={model_dir}",
             f"model.tokenizer={root / 'tok'}",
             "model.dtype=bfloat16",
             "model.attn_implementation=sdpa",
@@ -265,6 +286,10 @@ def main() -> None:
             "--prune-only",
         ]
         env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+        if args.importance is not None:
+            (root / "run").mkdir()
+            shutil.copy(args.importance, root / "run" / "importance.json")
+            figures["importance"] = f"reused from {args.importance}"
         summaries = {}
         for variant in ("flexigpt", "shortgpt", "shortgpt_lora"):
             t = time.perf_counter()
@@ -298,7 +323,7 @@ def main() -> None:
     figures["load_average"] = os.getloadavg()
     figures["threads"] = os.environ.get("OMP_NUM_THREADS")
     figures["settings"] = (
-        "per_block, bf16, 8 x 256 calibration tokens, 10 of 32 removed, r=256, selection.svd=randomized, "
+        f"per_block, bf16, 8 x 256 calibration tokens, 10 of 32 removed, r={args.rank}, selection.svd=randomized, "
         f"replace.svd=randomized, gamma 0.01, ppl on {args.ppl_tokens} tokens (windows <= 1024), sdpa"
     )
     print(arithmetic_70b(SHARD))

@@ -44,7 +44,6 @@ from flexigpt.prune.depth.selection import SelectionResult
 from flexigpt.prune.depth.steps import (
     SourceModel,
     StartPerplexity,
-    StreamedSourceModel,
     calibration_stream,
     gamma_tensors,
     importance_step,
@@ -52,6 +51,7 @@ from flexigpt.prune.depth.steps import (
     resolve_dtype,
     selection_step,
 )
+from flexigpt.prune.depth.streamed import StreamedSourceModel
 from flexigpt.prune.depth.summary import PruneSummary, summary_table, variant_entry, write_summary
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.apply import expected_trainable

@@ -27,11 +27,8 @@ from flexigpt.prune.depth.selection import (
     source_from_model,
     source_from_safetensors,
 )
-from flexigpt.shared.command import pick_device, read_source_config
-from flexigpt.shared.engine.apply import SOURCE_CLASSES
+from flexigpt.shared.command import pick_device
 from flexigpt.shared.engine.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_model
-from flexigpt.shared.engine.layout import get_layout
-from flexigpt.shared.engine.stream import StreamedSource, StreamError
 from flexigpt.shared.evaluate.perplexity import (
     PerplexityResult,
     encode_documents,
@@ -46,8 +43,6 @@ from flexigpt.shared.train.components import DTYPES, PRECISION_DTYPE
 from flexigpt.shared.train.data import DataError
 from flexigpt.shared.train.ds_config import resolve_precision
 
-# The shard size of the checkpoints a per-block run writes: one shard is in memory while it is written.
-STREAM_SHARD_SIZE = "2GB"
 # The safetensors files a base selection needs from a hub snapshot (never the .bin weights).
 _WEIGHT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
 
@@ -103,54 +98,6 @@ class SourceModel:
     def running(self, model: Any, blocks: list[int] | None = None) -> AbstractContextManager:
         """`model` ready to run a forward (it is: the whole model is in memory)."""
         return nullcontext(model)
-
-
-class StreamedSourceModel(SourceModel):
-    """``prune.memory: per_block``: the source with its block matrices read from safetensors on demand.
-
-    The top modules and every block's norms are in memory; a forward reads one block at a time
-    (``running``), an SVD init the two blocks it compares (``blocks``), a checkpoint one shard at a
-    time (``read``). Nothing here ever holds the whole model.
-
-    Raises:
-        PruneError: model.source is not a local (or locally cached) checkpoint with safetensors files.
-    """
-
-    shard_size = STREAM_SHARD_SIZE
-
-    def __init__(self, recipe: PruneRecipe, device: torch.device, dtype: torch.dtype, log: Callable) -> None:
-        super().__init__(recipe, device, dtype, log)
-        src = recipe.model.source
-        folder = _weights_dir(src, allow_download=False)
-        try:
-            if folder is None:
-                raise StreamError(f"no local directory or locally cached snapshot of {src!r}")
-            config = read_source_config(src, PruneError, "prune a plain model")
-            config._attn_implementation = recipe.model.attn_implementation or "sdpa"
-            layout = get_layout(config)
-            self.stream = StreamedSource(folder, config, SOURCE_CLASSES[layout.model_type], dtype, device)
-        except StreamError as e:
-            raise PruneError(
-                f"prune.memory='per_block' reads model.source block by block from its safetensors files: {e}; "
-                "use a local checkpoint with safetensors weights, or prune.memory='whole'"
-            ) from e
-        self.streamed, self.read, self.blocks = True, self.stream.read, self.stream.materialized
-        log(f"reading {src} block by block ({str(dtype).split('.')[-1]}, {device}) from {folder}")
-
-    @property
-    def loaded(self) -> bool:
-        return False  # never whole
-
-    def get(self) -> PreTrainedModel:
-        return self.stream.model
-
-    def free(self) -> None:
-        gc.collect()
-
-    def running(self, model: Any, blocks: list[int] | None = None) -> AbstractContextManager:
-        """`model` (the source, or a variant built from it whose layer i runs ``blocks[i]``) running
-        one block at a time."""
-        return self.stream.forward(model, blocks)
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -344,7 +291,7 @@ def block_source(recipe: PruneRecipe, source: SourceModel) -> tuple[BlockSource,
     """
     mode = recipe.prune.selection.read_from
     if mode != "model":
-        folder = _weights_dir(recipe.model.source, allow_download=mode == "safetensors" or not source.loaded)
+        folder = weights_dir(recipe.model.source, allow_download=mode == "safetensors" or not source.loaded)
         if folder is not None:
             try:
                 return source_from_safetensors(folder), f"safetensors files in {folder}"
@@ -365,7 +312,8 @@ def block_source(recipe: PruneRecipe, source: SourceModel) -> tuple[BlockSource,
     return source_from_model(source.get()), "the loaded model"
 
 
-def _weights_dir(source: str, *, allow_download: bool) -> Path | None:
+def weights_dir(source: str, *, allow_download: bool) -> Path | None:
+    """The local directory of `source`'s weight files (a hub id: its snapshot), or None."""
     if Path(source).is_dir():
         return Path(source)
     try:  # a hub id: the snapshot the loaded model came from (or, if not loaded, its weight files)
