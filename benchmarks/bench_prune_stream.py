@@ -183,18 +183,21 @@ def run(cmd: list[str], env: dict[str, str], label: str, peaks: dict, times: dic
     return code
 
 
-def arithmetic_70b(shard_bytes: int) -> str:
-    """The per-block peak of a LLaMA-2-70B by the same accounting, from its shapes alone."""
-    h, m, v, kv = 8192, 28672, 32000, 1024
+def arithmetic_70b(shard_bytes: int, rank: int) -> str:
+    """Upper bounds of the per-block step's memory for LLaMA-2-70B (80 blocks), from its shapes alone."""
+    h, m, v, kv, n = 8192, 28672, 32000, 1024, 80
     block = (2 * h * h + 2 * kv * h + 3 * m * h) * 2  # bf16
     top = 2 * v * h * 2
-    svd = 2 * m * h * 4  # W_removed - W_base and its factors in fp32
-    total = top + 2 * block + svd + 2 * shard_bytes
+    svd = 2 * m * h * 4  # one fp32 W_removed - W_base (or a matrix being factored) and its factors
+    factors = n * (2 * (h + h) + 2 * (kv + h) + 3 * (m + h)) * rank * 4  # every block's fp32 rank-r factors
+    selection = top + factors + block + svd
+    build = top + 2 * block + svd + 2 * shard_bytes
     return (
-        f"LLaMA-2-70B by arithmetic (bf16): top modules {top / 2**30:.1f} GiB + two blocks while an adapter is "
-        f"SVD-initialised 2 x {block / 2**30:.2f} GiB + fp32 SVD workspace {svd / 2**30:.2f} GiB + a shard being "
-        f"written (and its serialised copy) 2 x {shard_bytes / 2**30:.1f} GiB = {total / 2**30:.1f} GiB above the "
-        "libraries"
+        f"LLaMA-2-70B by arithmetic (bf16, r={rank}), above the libraries: selection = top modules "
+        f"{top / 2**30:.1f} GiB + all blocks' rank-r factors {factors / 2**30:.1f} GiB + one block "
+        f"{block / 2**30:.2f} GiB + fp32 SVD workspace {svd / 2**30:.2f} GiB = {selection / 2**30:.1f} GiB; building "
+        f"= top + two blocks + SVD workspace + a shard being written and its serialised copy "
+        f"(2 x {shard_bytes / 2**30:.1f} GiB) = {build / 2**30:.1f} GiB"
     )
 
 
@@ -326,7 +329,7 @@ def main() -> None:
         f"per_block, bf16, 8 x 256 calibration tokens, 10 of 32 removed, r={args.rank}, selection.svd=randomized, "
         f"replace.svd=randomized, gamma 0.01, ppl on {args.ppl_tokens} tokens (windows <= 1024), sdpa"
     )
-    print(arithmetic_70b(SHARD))
+    print(arithmetic_70b(SHARD, args.rank))
     print(json.dumps(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
