@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,18 @@ def test_randomized_svd_init_reproduces_a_low_rank_difference():
     want = target - base.weight.detach()
     assert torch.allclose(deltas["svd"], want, atol=1e-5)
     assert torch.allclose(deltas["svd_randomized"], want, atol=1e-4)
+
+
+def test_per_block_rerun_measures_a_saved_variant_without_loading_it_whole(
+    both_runs, prune_workspace, tmp_path, capsys
+):
+    _, streamed = both_runs
+    out = tmp_path / "again"
+    shutil.copytree(streamed, out)
+    want = json.loads((out / "flexigpt" / "start_ppl.json").read_text())["result"]["ppl"]
+    (out / "flexigpt" / "start_ppl.json").unlink()
+    capsys.readouterr()
+    assert _prune(prune_workspace, out, "prune.memory=per_block", "prune.replace.gamma=calibrate") == 0
+    assert "[flexigpt] " in (text := capsys.readouterr().out) and "not saved again" in text
+    got = json.loads((out / "flexigpt" / "start_ppl.json").read_text())["result"]["ppl"]
+    assert got == pytest.approx(want, rel=1e-6)
