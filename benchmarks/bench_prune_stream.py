@@ -23,7 +23,8 @@ command's latest log line; ``ru_maxrss`` of the children is printed too. A JSON 
 figure ends the output (``--json PATH`` also writes it).
 
 Needs ``shared/data`` beside the checkout (LLaMA-2 tokenizer, WikiText-2); prints "skipped" without
-it. About 15 GB of disk for the 7B source plus up to 19 GB of outputs; deleted at the end. Run:
+it. About 15 GB of disk for the 7B source plus up to 19 GB of outputs (8B: 16 + 23 GB); deleted at
+the end. Run:
 ``OMP_NUM_THREADS=2 python benchmarks/bench_prune_stream.py --shape 7b`` (``--layers 4`` for a
 quick run of the same shape with fewer blocks).
 """
