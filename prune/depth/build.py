@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from flexigpt.shared.engine.apply import SOURCE_CLASSES, apply_plan, expected_trainable, stored_param_count
+from flexigpt.shared.engine.checkpoint import DEFAULT_MAX_SHARD_SIZE, write_weights
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.parts import skeleton
 from flexigpt.shared.engine.plan import Plan
@@ -36,7 +39,12 @@ class PruneError(ValueError):
 
 
 def build_variant(
-    source: PreTrainedModel, plan: Plan, config: PretrainedConfig, *, seed: int | None = None
+    source: PreTrainedModel,
+    plan: Plan,
+    config: PretrainedConfig,
+    *,
+    seed: int | None = None,
+    blocks: Callable[..., AbstractContextManager] | None = None,
 ) -> PreTrainedModel:
     """Apply `plan` to `source` and check the stored parameter count against the plan.
 
@@ -46,6 +54,8 @@ def build_variant(
         config: the source config the plan was made for.
         seed: seeds torch before the slot parameters are initialised (random LoRA A), so every
             rebuild gives the same model; None leaves the RNG as it is.
+        blocks: for a source read block by block, what reads the blocks a slot's SVD init needs
+            (``apply_plan``'s `blocks`).
 
     Returns:
         The shared model of the plan.
@@ -55,7 +65,7 @@ def build_variant(
     """
     if seed is not None:
         torch.manual_seed(seed)
-    model = apply_plan(source, plan)
+    model = apply_plan(source, plan, blocks=blocks)
     want, got = expected_trainable(plan, config, "all"), stored_param_count(model)
     if got != want:
         raise PruneError(f"the pruned model stores {got:,} parameters, the plan predicts {want:,}")
@@ -99,13 +109,24 @@ def plain_model(model: PreTrainedModel) -> PreTrainedModel:
     return plain.train(model.training)
 
 
-def export_plain(model: PreTrainedModel, out: str | Path, tokenizer: Any = None) -> Path:
+def export_plain(
+    model: PreTrainedModel,
+    out: str | Path,
+    tokenizer: Any = None,
+    *,
+    read: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Save the plain model of a ShortGPT shared model (``plain_model``) as a HF checkpoint, atomically.
 
     Args:
         model: the shared ShortGPT model.
         out: target directory (replaced if it exists).
         tokenizer: saved beside the weights when given.
+        read: for a model whose block matrices are read on demand (``stream.StreamedSource.read``):
+            the weights are written shard by shard (`max_shard_size`), each tensor read as its
+            shard is written, under transformers' names (a tied head once, as transformers saves it).
+        max_shard_size: the largest weights file with `read`.
 
     Returns:
         The directory written.
@@ -113,7 +134,21 @@ def export_plain(model: PreTrainedModel, out: str | Path, tokenizer: Any = None)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier attempt
-    plain_model(model).save_pretrained(tmp)
+    plain = plain_model(model)
+    if read is None:
+        plain.save_pretrained(tmp)
+    else:
+        tmp.mkdir(parents=True)
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, p in plain.named_parameters():  # a tied head's weight once, under the embedding's name
+            if id(p) not in seen:
+                seen.add(id(p))
+                tensors[name] = p
+        write_weights(tensors, tmp, max_shard_size, read, metadata={"format": "pt"})
+        plain.config.architectures = [type(plain).__name__]
+        plain.config.save_pretrained(tmp)
+        plain.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
         save_tokenizer(tokenizer, tmp)
     if out.exists():

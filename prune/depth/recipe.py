@@ -138,6 +138,12 @@ class ReplaceSection(Section):
         "W_i - W_base (eq. 7-8; ambiguity 5: the full weights, not the metric's reconstructions); false: "
         "init_without_svd.",
     )
+    svd: Literal["exact", "randomized"] = Field(
+        "exact",
+        description="The SVD of the adapter init (svd_init): exact (torch.linalg.svd) or randomized "
+        "(torch.svd_lowrank, r + 10 columns, 2 power iterations: an approximation, seconds instead of about a "
+        "minute per 4096 x 11008 matrix on a CPU; the plan records init=svd_randomized).",
+    )
     init_without_svd: Literal["lora", "zero"] = Field(
         "lora",
         description="Adapter init when svd_init is false, and of the ShortGPT+LoRA baseline: lora (A random, "
@@ -244,6 +250,13 @@ class PruneSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where importance, selection, replacement and perplexity run; auto: cuda if any."
     )
+    memory: Literal["whole", "per_block"] = Field(
+        "whole",
+        description="How much of the source is in memory. whole: the model is loaded once; per_block: never "
+        "whole, each decoder block's matrices are read from the source's safetensors files when a forward, an "
+        "SVD init or a checkpoint shard needs them and dropped after (one block at a time; needs a local "
+        "safetensors source; checkpoints are written in 2GB shards). See docs/pruning.md section 5.",
+    )
 
     @field_validator("variants")
     @classmethod
@@ -268,6 +281,11 @@ class PruneSection(Section):
             raise ValueError(
                 f"replace.gamma={self.replace.gamma!r} needs replace.out_norm=true (there is no gamma without it)"
             )
+        if self.memory == "per_block" and self.selection.read_from == "model":
+            raise ValueError(
+                "prune.selection.read_from='model' reads the blocks from the loaded model, which "
+                "prune.memory='per_block' never loads; allowed with per_block: 'auto' or 'safetensors'"
+            )
         return self
 
     def options(self) -> ReplacementOptions:
@@ -288,6 +306,7 @@ def replacement_options(r: ReplaceSection, s: SelectionSection) -> ReplacementOp
         alpha=r.alpha,
         svd_init=r.svd_init,
         init_without_svd=r.init_without_svd,
+        svd_init_method=r.svd,
         out_norm=r.out_norm,
         gamma=gamma,
         out_norm_eps=r.out_norm_eps,

@@ -48,6 +48,8 @@ class ReplacementOptions:
     Off: they start as `init_without_svd` (the paper's "standard LoRA init" ablation)."""
     init_without_svd: str = "lora"
     """Adapter init when svd_init is off: lora (A random, B zero) or zero."""
+    svd_init_method: str = "exact"
+    """The SVD of the adapter init: exact (``torch.linalg.svd``) or randomized (``torch.svd_lowrank``)."""
     out_norm: bool = True
     """Ablation switch: an output feature norm on the attention and MLP outputs of every replacement slot."""
     gamma: float = 0.01
@@ -86,6 +88,8 @@ class ReplacementOptions:
             raise PlanError(f"combine={self.combine!r} is unknown; allowed: {list(COMBINES)}")
         if self.svd not in SVDS:
             raise PlanError(f"svd={self.svd!r} is unknown; allowed: {list(SVDS)}")
+        if self.svd_init_method not in SVDS:
+            raise PlanError(f"svd_init_method={self.svd_init_method!r} is unknown; allowed: {list(SVDS)}")
 
 
 def choose_bases(
@@ -160,7 +164,8 @@ def flexigpt_plan(
             raise PlanError(
                 f"picks[{i}]={j}: a base must be a kept block in 0..{num_layers - 1}, not {sorted(removed)}"
             )
-    init = "svd" if options.svd_init else options.init_without_svd
+    svd = "svd" if options.svd_init_method == "exact" else "svd_randomized"
+    init = svd if options.svd_init else options.init_without_svd
     slots = []
     for i in range(num_layers):
         if i not in removed:

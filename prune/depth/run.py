@@ -28,6 +28,7 @@ import resource
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from flexigpt.prune.depth.steps import (
     resolve_dtype,
     selection_step,
 )
+from flexigpt.prune.depth.streamed import StreamedSourceModel
 from flexigpt.prune.depth.summary import PruneSummary, summary_table, variant_entry, write_summary
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer, read_source_config
 from flexigpt.shared.engine.apply import expected_trainable
@@ -277,11 +279,12 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
     n = blocks_to_remove(recipe, config)
     settings = run_settings(recipe, n)
     precheck(recipe, config, rd, n)
+    device = resolve_device(recipe)
+    kind = StreamedSourceModel if p.memory == "per_block" else SourceModel
+    source = kind(recipe, device, resolve_dtype(recipe, device), log)  # per_block: refused before any write
     rd.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(rd.settings, json.dumps(settings, indent=1) + "\n")
     recipe.save(rd.recipe)
-    device = resolve_device(recipe)
-    source = SourceModel(recipe, device, resolve_dtype(recipe, device), log)
     tokenizer = load_command_tokenizer(recipe.model, PruneError)
 
     imp = importance_step(recipe, rd.importance, source, tokenizer, settings["prune.calibration"], log)
@@ -308,7 +311,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
         "start perplexities measured on": ppl.text,
     }
     gamma_file = rd.variant("flexigpt") / "gamma.json"
-    src_ppl = ppl.measure("unpruned", source.get, rd.source_ppl, log)
+    src_ppl = _measure(ppl, source, "unpruned", source.get, None, rd.source_ppl, log)
     summary.source = {
         "path": recipe.model.source,
         "layers": config.num_hidden_layers,
@@ -320,10 +323,17 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
             log(f"[{name}] building {vdir / INITIAL}")
             built, plans[name] = _build(recipe, config, rd, name, plans[name], sel, source, ppl, log)
             get_model: Callable[[], Any] = lambda m=built: m  # noqa: E731
+        elif source.streamed:
+            # the saved model would be loaded whole: its plan is built again over the streamed source
+            log(f"[{name}] {vdir / INITIAL} and plan.json match this recipe: not saved again")
+            get_model = lambda pl=plans[name]: build_variant(  # noqa: E731
+                source.get(), pl, config, seed=recipe.train.seed, blocks=source.blocks
+            )
         else:
             log(f"[{name}] {vdir / INITIAL} and plan.json match this recipe: not rebuilt")
             get_model = lambda d=vdir / INITIAL: load_compact(d).to(device)  # noqa: E731
-        result = ppl.measure(name, get_model, vdir / "start_ppl.json", log)
+        slot_blocks = [s.block for s in plans[name].slots]
+        result = _measure(ppl, source, name, get_model, slot_blocks, vdir / "start_ppl.json", log)
         built = get_model = None  # the variant is on disk; drop it before the next one is built
         summary.variants[name] = variant_entry(
             config,
@@ -342,6 +352,24 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
     write_summary(rd.summary, imp, summary)
     log(summary_table(summary))
     return summary
+
+
+def _measure(
+    ppl: StartPerplexity,
+    source: SourceModel,
+    name: str,
+    get_model: Callable[[], Any],
+    blocks: list[int] | None,
+    path: Path,
+    log: Callable,
+) -> Any:
+    """``ppl.measure``, the model running as the source says (block by block for a streamed one)."""
+    with ExitStack() as stack:
+
+        def ready() -> Any:
+            return stack.enter_context(source.running(get_model(), blocks))
+
+        return ppl.measure(name, ready, path, log)
 
 
 def _log_plans(
@@ -392,12 +420,17 @@ def _build(
     holds that gamma.
     """
     vdir, tokenizer = rd.variant(name), ppl.tokenizer
-    model = build_variant(source.get(), plan, config, seed=recipe.train.seed)
+    model = build_variant(source.get(), plan, config, seed=recipe.train.seed, blocks=source.blocks)
     if name == "flexigpt" and recipe.prune.replace.gamma in ("calibrate", MEASURED):
         model, plan = _choose_gamma(recipe, config, name, plan, model, sel, source, ppl, log)
-    save_compact(model, vdir / INITIAL, tokenizer=tokenizer)
+    save_compact(
+        model, vdir / INITIAL, tokenizer=tokenizer, max_shard_size=source.shard_size, read=source.read
+    )
+    log(f"[{name}] saved -> {vdir / INITIAL}")
     if name == "shortgpt":
-        export_plain(model, vdir / PLAIN, tokenizer=tokenizer)
+        export_plain(
+            model, vdir / PLAIN, tokenizer=tokenizer, read=source.read, max_shard_size=source.shard_size
+        )
         log(f"[{name}] plain HF export ({plan.num_slots} layers) -> {vdir / PLAIN}")
     plan.save(vdir / "plan.json")
     return model, plan
@@ -421,11 +454,13 @@ def _choose_gamma(
         recipe, ppl.tokenizer, getattr(config, "max_position_embeddings", None), ppl.documents
     )
     if r.gamma == MEASURED:
-        gammas = measure_gamma(model, samples)
+        with source.running(model, [s.block for s in plan.slots]):
+            gammas = measure_gamma(model, samples)
         cal = GammaCalibration(MEASURED, None, [], float(torch.cat(gammas).mean()))
         log(f"[{name}] gamma measured: per feature, mean {cal.measured_mean:.4g} on {text['described']}")
     else:
-        cal = calibrate_gamma(model, samples, candidates=r.gamma_candidates, rule=r.gamma_rule)
+        with source.running(model, [s.block for s in plan.slots]):
+            cal = calibrate_gamma(model, samples, candidates=r.gamma_candidates, rule=r.gamma_rule)
         tried = ", ".join(f"{_label(g)}: {p:.2f}" for g, p in cal.table)
         log(
             f"[{name}] gamma calibrated: {_label(cal.gamma)} (ShortGPT ppl {cal.target_ppl:.2f}; tried {tried}) "
@@ -441,7 +476,8 @@ def _choose_gamma(
     write_text_atomic(vdir / "gamma.json", json.dumps({**record, "text": text}, indent=1) + "\n")
     plan = variant_plan(recipe, config, name, list(plan.removed_blocks), sel, cal)
     if cal.gamma == NONE:
-        model = build_variant(source.get(), plan, config, seed=recipe.train.seed)  # exactly the no-norm model
+        # exactly the no-norm model
+        model = build_variant(source.get(), plan, config, seed=recipe.train.seed, blocks=source.blocks)
     else:
         model.plan = plan  # only gamma's initial value differs, and it is in the model already
     log(f"[{name}] {plan.summary()}")

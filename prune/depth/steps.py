@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from flexigpt.prune.depth.selection import (
     source_from_safetensors,
 )
 from flexigpt.shared.command import pick_device
-from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.engine.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_model
 from flexigpt.shared.evaluate.perplexity import (
     PerplexityResult,
     encode_documents,
@@ -87,6 +87,17 @@ class SourceModel:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    streamed = False
+    read = None
+    """How a checkpoint writer reads tensors (None: as they are in memory)."""
+    blocks = None
+    """What ``apply_plan`` enters while a slot is built (None: nothing, every block is in memory)."""
+    shard_size = DEFAULT_MAX_SHARD_SIZE
+
+    def running(self, model: Any, blocks: list[int] | None = None) -> AbstractContextManager:
+        """`model` ready to run a forward (it is: the whole model is in memory)."""
+        return nullcontext(model)
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -247,10 +258,20 @@ def importance_step(
     model = source.get()
     key = "prune.calibration.stream" if recipe.prune.calibration.stream else "prune.calibration (data stream)"
     with named_errors(key):
-        samples = calibration_tensors(
+        samples: Any = calibration_tensors(
             recipe, tokenizer, getattr(model.config, "max_position_embeddings", None)
         )
-        result = compute_importance(model, samples, recipe.prune.metric, progress=True)
+        n = None
+        if source.streamed:
+            # every sample goes through a block while it is in memory: one batch when the lengths agree
+            samples = list(samples)
+            n = len(samples)
+            if n > 1 and len({t.shape[-1] for t in samples}) == 1:
+                samples = [torch.cat([t.reshape(-1, t.shape[-1]) for t in samples])]
+        with source.running(model):
+            result = compute_importance(model, samples, recipe.prune.metric, progress=True)
+        if n is not None:
+            result.num_samples = n
     result.extra["calibration"] = settings
     rule = text_rule(recipe, tokenizer)
     result.extra["text"] = {"rule": rule.to_dict(), "described": _calibration_text(recipe, rule)}
@@ -270,7 +291,7 @@ def block_source(recipe: PruneRecipe, source: SourceModel) -> tuple[BlockSource,
     """
     mode = recipe.prune.selection.read_from
     if mode != "model":
-        folder = _weights_dir(recipe.model.source, allow_download=mode == "safetensors" or not source.loaded)
+        folder = weights_dir(recipe.model.source, allow_download=mode == "safetensors" or not source.loaded)
         if folder is not None:
             try:
                 return source_from_safetensors(folder), f"safetensors files in {folder}"
@@ -283,10 +304,16 @@ def block_source(recipe: PruneRecipe, source: SourceModel) -> tuple[BlockSource,
             raise PruneError(
                 f"prune.selection.read_from='safetensors': no local files for model.source={recipe.model.source!r}"
             )
+    if source.streamed:  # its blocks are placeholders: never read them as weights
+        raise PruneError(
+            f"prune.memory='per_block': no safetensors files to read the blocks from for model.source="
+            f"{recipe.model.source!r}"
+        )
     return source_from_model(source.get()), "the loaded model"
 
 
-def _weights_dir(source: str, *, allow_download: bool) -> Path | None:
+def weights_dir(source: str, *, allow_download: bool) -> Path | None:
+    """The local directory of `source`'s weight files (a hub id: its snapshot), or None."""
     if Path(source).is_dir():
         return Path(source)
     try:  # a hub id: the snapshot the loaded model came from (or, if not loaded, its weight files)

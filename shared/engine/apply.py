@@ -14,7 +14,8 @@ that only changes how it is saved (the compact format) and knows its plan; every
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -212,7 +213,13 @@ def check_plan_fits(plan: Plan, config: PretrainedConfig) -> ArchLayout:
     return layout
 
 
-def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = True) -> PreTrainedModel:
+def apply_plan(
+    source: PreTrainedModel,
+    plan: Plan,
+    *,
+    init_slot_params: bool = True,
+    blocks: Callable[..., AbstractContextManager] | None = None,
+) -> PreTrainedModel:
     """Build the shared-block model of `plan` from `source`.
 
     The source model is left unchanged, but the new model holds its very Parameters (nothing is
@@ -235,10 +242,15 @@ def apply_plan(source: PreTrainedModel, plan: Plan, *, init_slot_params: bool = 
     layout = check_plan_fits(plan, source.config)
     src_layers = _layers(source, layout)
     config = _slot_config(source.config, plan, layout)
-    slots = [
-        _build_slot(i, spec, config, plan.block_shapes.get(spec.block), layout, src_layers, init_slot_params)
-        for i, spec in enumerate(plan.slots)
-    ]
+    slots = []
+    for i, spec in enumerate(plan.slots):
+        svd_from = spec.adapter.svd_from if spec.adapter and init_slot_params else None
+        with blocks(spec.block, svd_from) if blocks and svd_from is not None else nullcontext():
+            slots.append(
+                _build_slot(
+                    i, spec, config, plan.block_shapes.get(spec.block), layout, src_layers, init_slot_params
+                )
+            )
     model = skeleton(SHARED_CLASSES[layout.model_type], config, top=source, layers=nn.ModuleList(slots))
     install_shared_linears(model, layout.layers_path)
     model.plan = plan
@@ -305,7 +317,9 @@ def _build_slot(
             path = layout.linear_path(target)
             lora = make_lora(layer.get_submodule(path), a.rank_for(target), a.alpha)
             if init_slot_params:
-                target_w = src_layers[a.svd_from].get_submodule(path).weight if a.init == "svd" else None
+                target_w = (
+                    src_layers[a.svd_from].get_submodule(path).weight if a.svd_from is not None else None
+                )
                 init_lora(lora, a.init, target_w)
             layer.set_submodule(path, lora)
     if spec.out_norm is not None:

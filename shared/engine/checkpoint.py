@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,7 @@ def save_compact(
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    read: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` in the compact format, atomically (a temporary directory, then a rename).
 
@@ -165,6 +167,9 @@ def save_compact(
         max_shard_size: largest weights file (bytes, or "5GB" / "500MB"); a larger model is split
             into ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, as
             transformers does.
+        read: for a model whose block matrices are read on demand (``stream.StreamedSource.read``):
+            gives each tensor's values as its shard is written, so that one shard at a time is in
+            memory. Not with `state_dict`.
 
     Returns:
         The directory written.
@@ -172,7 +177,11 @@ def save_compact(
     out = Path(save_directory)
     with atomic_dir(out) as tmp:
         plan: Plan = model.plan
-        _write_weights(compact_state(model, state_dict), tmp, max_shard_size)
+        if read is None:
+            write_weights(compact_state(model, state_dict), tmp, max_shard_size)
+        else:
+            tensors = {key: p for key, (_, p) in compact_sources(model).items()}
+            write_weights(tensors, tmp, max_shard_size, read)
         cfg = FlexiGPTConfig(base_config=model.source_config.to_dict(), plan=plan.to_dict())
         cfg.architectures = ["FlexiGPTForCausalLM"]
         cfg.save_pretrained(tmp)
@@ -186,17 +195,32 @@ def save_compact(
     return out
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str) -> None:
+def write_weights(
+    tensors: dict[str, torch.Tensor],
+    directory: Path,
+    max_shard_size: int | str,
+    read: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write `tensors` as one file or shards with an index; `read` gives the values shard by shard.
+
+    With `read`, the shards are split by the tensors' sizes (meta stand-ins of them) and each
+    shard's values are read only while that shard is written.
+    """
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    metadata = {"format": "pt", "flexigpt": FORMAT_VERSION}
+    metadata = metadata or {"format": "pt", "flexigpt": FORMAT_VERSION}
+    sizes = tensors if read is None else {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
     split = split_torch_state_dict_into_shards(
-        tensors,
+        sizes,
         filename_pattern=WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
         max_shard_size=max_shard_size,
     )
     for filename, keys in split.filename_to_tensors.items():
-        save_file({k: tensors[k] for k in keys}, str(directory / filename), metadata=metadata)
+        shard = {k: tensors[k] if read is None else read(tensors[k]) for k in keys}
+        save_file(shard, str(directory / filename), metadata=metadata)
+        del shard
     if split.is_sharded:
         index = {
             "metadata": {**split.metadata, "flexigpt": FORMAT_VERSION},

@@ -30,7 +30,9 @@ TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 #   lora  - standard LoRA: A Kaiming-uniform, B zero (adds nothing, trains from step one),
 #   svd   - the paper's eq. 7-8: the top-`rank` SVD factors of (W_svd_from - W_block), scaled so
 #           W_block + scale * B @ A equals W_block + rank-r(W_svd_from - W_block) exactly.
-ADAPTER_INITS: tuple[str, ...] = ("zero", "lora", "svd")
+ADAPTER_INITS: tuple[str, ...] = ("zero", "lora", "svd", "svd_randomized")
+SVD_INITS: tuple[str, ...] = ("svd", "svd_randomized")
+"""The inits that read a source block (``svd_from``): exact or randomized (torch.svd_lowrank) top-r SVD."""
 
 
 class PlanError(ValueError):
@@ -46,11 +48,11 @@ class AdapterSpec:
     targets: tuple[str, ...] = TARGETS
     """Linear layers that get an adapter: any of q, k, v, o, gate, up, down."""
     init: str = "lora"
-    """zero | lora | svd (see ADAPTER_INITS)."""
+    """zero | lora | svd | svd_randomized (see ADAPTER_INITS)."""
     alpha: float | None = None
     """LoRA alpha; the adapter output is scaled by alpha / rank. None means alpha = rank (scale 1)."""
     svd_from: int | None = None
-    """For init=svd: the source block i whose weights the adapter approximates (W_i - W_block)."""
+    """For init=svd / svd_randomized: the source block i whose weights the adapter approximates (W_i - W_block)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-target rank overrides (as peft's rank_pattern), e.g. {"k": 8, "v": 8} for GQA k/v."""
 
@@ -339,11 +341,15 @@ def _validate_adapter(
         raise PlanError(f"{where}.targets={list(a.targets)} names a target twice")
     if a.init not in ADAPTER_INITS:
         raise PlanError(f"{where}.init={a.init!r} is unknown; allowed: {list(ADAPTER_INITS)}")
-    if a.init == "svd":
+    if a.init in SVD_INITS:
         if a.svd_from is None or not isinstance(a.svd_from, int) or not 0 <= a.svd_from <= last:
-            raise PlanError(f"{where}.svd_from={a.svd_from!r}: init=svd needs a source block in 0..{last}")
+            raise PlanError(
+                f"{where}.svd_from={a.svd_from!r}: init={a.init} needs a source block in 0..{last}"
+            )
     elif a.svd_from is not None:
-        raise PlanError(f"{where}.svd_from is only allowed with init='svd' (init={a.init!r})")
+        raise PlanError(
+            f"{where}.svd_from is only allowed with init='svd' or 'svd_randomized' (init={a.init!r})"
+        )
     if a.alpha is not None and not a.alpha > 0:
         raise PlanError(f"{where}.alpha={a.alpha!r}: must be > 0 (or null for alpha = rank)")
     for t, r in a.rank_pattern.items():
