@@ -58,3 +58,27 @@ def test_compare_refuses_gate_on_opt_before_writing(tmp_path, capsys) -> None:
     assert main([recipe, *prune_overrides(ws, out, "compare.recovery=none")]) == 2
     assert "compare.replace.targets=" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_opt_per_block_with_measured_gamma_writes_the_whole_runs_files(tmp_path) -> None:
+    """prune.memory: per_block on OPT (learned positions, LayerNorms with biases), gamma measured."""
+    from safetensors.torch import load_file
+
+    ws = write_workspace(tmp_path / "ws", num_layers=6, arch="opt")
+    extra = (
+        OPT_TARGETS,
+        "prune.replace.gamma=measured",
+        "prune.variants=[flexigpt,shortgpt]",
+        "--prune-only",
+    )
+    for mode in ("whole", "per_block"):
+        assert main([RECIPE, *prune_overrides(ws, tmp_path / mode, f"prune.memory={mode}", *extra)]) == 0
+    for rel in ("source_ppl.json", "flexigpt/start_ppl.json", "shortgpt/start_ppl.json"):
+        a, b = (json.loads((tmp_path / m / rel).read_text())["result"]["ppl"] for m in ("whole", "per_block"))
+        assert abs(a - b) <= 1e-5 * a, rel
+    for v in ("flexigpt/initial", "shortgpt/initial", "shortgpt/initial_plain"):
+        x, y = ({} for _ in range(2))
+        for d, into in ((tmp_path / "whole" / v, x), (tmp_path / "per_block" / v, y)):
+            for f in sorted(d.glob("*.safetensors")):
+                into.update(load_file(f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), v
