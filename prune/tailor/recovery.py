@@ -78,20 +78,10 @@ def _measure_gamma(recipe: TailorRecipe, model: Any, device: Any, log: Callable[
     """``replace.gamma: measured``: each output norm starts at its slot's own output scale, measured on
     the warm-start calibration text (the prune command measures on its gamma text the same way)."""
     from flexigpt.prune.depth.gamma import measure_gamma
-    from flexigpt.prune.depth.importance import calibration_samples
-    from flexigpt.prune.tailor.run import calibration_texts
+    from flexigpt.prune.tailor.run import calibration_tensors
     from flexigpt.shared.command import load_command_tokenizer
 
-    ws = recipe.tailor.warm_start
-    tok = load_command_tokenizer(recipe.model, StitchError)
-    samples = calibration_samples(
-        calibration_texts(ws.calibration_files),
-        lambda s: tok(s, add_special_tokens=False)["input_ids"],
-        num_samples=ws.calibration_samples,
-        seq_len=ws.calibration_seq_len,
-        pack=False,
-        bos_id=tok.bos_token_id,
-    )
+    samples = calibration_tensors(recipe, load_command_tokenizer(recipe.model, StitchError))
     gammas = measure_gamma(model, [x.to(device) for x in samples])
     mean = float(sum(g.mean() for g in gammas) / len(gammas))
     model.plan.notes["gamma_measured"] = {"mean": mean, "per_feature": True}

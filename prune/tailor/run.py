@@ -74,6 +74,21 @@ def calibration_texts(patterns: list[str]) -> Iterator[str]:
                 yield line
 
 
+def calibration_tensors(recipe: TailorRecipe, tok: Any) -> Iterator[Any]:
+    """The calibration windows of ``tailor.warm_start`` (Block Influence; the measured output-norm gamma)."""
+    from flexigpt.prune.depth.importance import calibration_samples
+
+    ws = recipe.tailor.warm_start
+    return calibration_samples(
+        calibration_texts(ws.calibration_files),
+        lambda s: tok(s, add_special_tokens=False)["input_ids"],
+        num_samples=ws.calibration_samples,
+        seq_len=ws.calibration_seq_len,
+        pack=False,
+        bos_id=tok.bos_token_id,
+    )
+
+
 def removal_orders(
     recipe: TailorRecipe, sources: Any, tok: Any, dtype: Any, device: str, out: Path, log: Any
 ) -> dict:
@@ -90,17 +105,10 @@ def removal_orders(
         else:
             from transformers import AutoModelForCausalLM
 
-            from flexigpt.prune.depth.importance import calibration_samples, compute_importance
+            from flexigpt.prune.depth.importance import compute_importance
 
             model = AutoModelForCausalLM.from_pretrained(sources.base.path, dtype=dtype).to(device)
-            samples = calibration_samples(
-                calibration_texts(ws.calibration_files),
-                lambda s: tok(s, add_special_tokens=False)["input_ids"],
-                num_samples=ws.calibration_samples,
-                seq_len=ws.calibration_seq_len,
-                pack=False,
-                bos_id=tok.bos_token_id,
-            )
+            samples = calibration_tensors(recipe, tok)
             res = compute_importance(model, samples, "block_influence", progress=False)
             res.save(path)
             scores = res.scores
