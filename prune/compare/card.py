@@ -176,11 +176,11 @@ def plot_card(cards: list[Card], source: Card, path: Path) -> Path:
     ]
     if source.zeroshot:
         panels.append(("zero-shot average (paper metric)", lambda c: c.zeroshot_avg))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.5), squeeze=False)
     models = [source, *cards]
     # Several methods store the same number of parameters: their points are spread sideways (by at
     # most a few percent of the axis; the x label says so), so none hides another, and colour and
-    # marker both cycle (10 and 7 long), so no two of up to 70 points look alike.
+    # marker both cycle (10 colours, or 20 beyond 10 models; 7 markers), so no two points look alike.
     span = (max(c.params for c in models) - min(c.params for c in models)) or max(source.params, 1)
     same: dict[int, list[int]] = {}
     for i, c in enumerate(models):
@@ -189,21 +189,25 @@ def plot_card(cards: list[Card], source: Card, path: Path) -> Path:
     for group in same.values():
         for k, i in enumerate(group):
             x[i] = models[i].params + span * 0.018 * (k - (len(group) - 1) / 2)
+    from matplotlib.ticker import FuncFormatter
+
+    colours = plt.get_cmap("tab20").colors if len(models) > 10 else [f"C{k}" for k in range(10)]
+    millions = FuncFormatter(lambda v, _: f"{v / 1e6:g}M")  # no "1e6" offset for a reader to miss
     for ax, (label, value) in zip(axes[0], panels, strict=True):
         for i, c in enumerate(models):
             y = value(c)
             if y is None:
                 continue
             marker = "*" if c is source else "osD^vPX"[(i - 1) % 7]
-            ax.scatter(x[i], y, s=90 if c is source else 50, marker=marker, color=f"C{i % 10}", label=c.name)
+            colour = colours[i % len(colours)]
+            ax.scatter(x[i], y, s=90 if c is source else 50, marker=marker, color=colour, label=c.name)
+        ax.xaxis.set_major_formatter(millions)
         ax.set_xlabel("stored parameters (models of one size spread sideways)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it hides no point
     ys = [y for c in [source, *cards] if text and (y := c.ppl.get(text)) is not None]
     if ys and max(ys) / min(ys) > 4:  # a log axis only where the values span a wide range
-        from matplotlib.ticker import FuncFormatter
-
         ax = axes[0][0]
         ax.set_yscale("log")
         plain = FuncFormatter(lambda v, _: f"{v:g}")  # plain numbers on the minor ticks too
