@@ -74,9 +74,10 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
-# transformers' default shard size for save_pretrained: a compact model larger than this is split
-# into several files with an index, as transformers splits plain models.
-DEFAULT_MAX_SHARD_SIZE = "50GB"
+# The largest weights file the project writes: a compact model larger than this is split into
+# several files with an index, as transformers splits plain models. 5GB is the usual hub shard size
+# (and transformers 4's default; transformers 5's 50GB would leave a 7B model in one 13 GB file).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 # save_pretrained options that change nothing in the compact format (hub uploads aside, refused).
 # A save_function (accelerate passes its own) only ever wrote pickled weights; safetensors files are
 # written directly, as transformers does.
@@ -409,7 +410,7 @@ def export_materialized(
     plain = materialize(model)
     out = Path(save_directory)
     with atomic_dir(out) as tmp:
-        plain.save_pretrained(tmp)
+        plain.save_pretrained(tmp, max_shard_size=DEFAULT_MAX_SHARD_SIZE)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
     return out
