@@ -17,12 +17,13 @@ ADJS = ["red", "blue", "green", "small", "big", "old", "new"]
 WORDS = DETS + NOUNS + VERBS + PREPS + ADJS + ["and", "then", "."]
 
 
-def write_tokenizer(d: Path) -> Path:
-    """A word-level fast tokenizer over WORDS (ids < 128, so it fits the tiny models' vocab)."""
+def write_tokenizer(d: Path, words: list[str] | None = None) -> Path:
+    """A word-level fast tokenizer over `words` (default WORDS; ids < 128, so it fits the tiny models'
+    vocab), after the special tokens at ids 0-3."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    vocab = {w: i for i, w in enumerate(SPECIALS + (WORDS if words is None else words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(

@@ -16,13 +16,13 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from flexigpt.shared.engine.tiny import tiny_model
 from flexigpt.shared.evaluate.zeroshot import write_choice_task
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3: the tiny models use pad 0, bos 1, eos 2
+from ... import kit
+
 ANIMALS = ["cat", "dog", "bird", "fish", "cow", "fox", "owl", "bee", "ant", "frog", "wolf", "bear"]
 COLOURS = ["red", "blue", "green", "black", "white", "brown"]
 HOMES = ["tree", "river", "hill", "cave", "field", "lake"]
@@ -35,14 +35,7 @@ NUM_LAYERS = 8
 
 def write_tokenizer(d: Path) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over WORDS (ids < 64: fits the tiny vocab)."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tok.save_pretrained(d)
-    return tok
+    return PreTrainedTokenizerFast.from_pretrained(kit.write_tokenizer(d, WORDS))
 
 
 def _colour(det: str, animal: str, colour: str) -> str:
