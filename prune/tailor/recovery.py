@@ -31,8 +31,11 @@ def filled_plan(plan: StitchPlan) -> StitchPlan:
     return StitchPlan(plan.base_layers, tuple(sorted(filled, key=lambda p: p.layer)), plan.top)
 
 
-def flexigpt_model(recipe: TailorRecipe, plan: StitchPlan, log: Callable[..., None] = print) -> Any:
-    """The shared-block model of `plan` with replacement slots at its removed positions.
+def flexigpt_model(
+    recipe: TailorRecipe, plan: StitchPlan, tokenizer: Any, log: Callable[..., None] = print
+) -> Any:
+    """The shared-block model of `plan` with replacement slots at its removed positions (`tokenizer`
+    reads the calibration text of a measured gamma).
 
     Returns:
         The model (``model.plan`` holds the slot plan; its ``notes`` the stitch plan and the picks).
@@ -69,19 +72,20 @@ def flexigpt_model(recipe: TailorRecipe, plan: StitchPlan, log: Callable[..., No
     except (PlanError, PruneError) as e:
         raise StitchError(f"tailor.replace: {e}") from e
     if t.replace.out_norm and t.replace.gamma == "measured":
-        _measure_gamma(recipe, shared, device, log)
+        _measure_gamma(recipe, shared, device, tokenizer, log)
     log(f"[flexigpt] picks (removed position -> kept block): {sel.picks}; {slots.summary()}", flush=True)
     return shared
 
 
-def _measure_gamma(recipe: TailorRecipe, model: Any, device: Any, log: Callable[..., None]) -> None:
+def _measure_gamma(
+    recipe: TailorRecipe, model: Any, device: Any, tokenizer: Any, log: Callable[..., None]
+) -> None:
     """``replace.gamma: measured``: each output norm starts at its slot's own output scale, measured on
     the warm-start calibration text (the prune command measures on its gamma text the same way)."""
     from flexigpt.prune.depth.gamma import measure_gamma
     from flexigpt.prune.tailor.run import calibration_tensors
-    from flexigpt.shared.command import load_command_tokenizer
 
-    samples = calibration_tensors(recipe, load_command_tokenizer(recipe.model, StitchError))
+    samples = calibration_tensors(recipe, tokenizer)
     gammas = measure_gamma(model, [x.to(device) for x in samples])
     mean = float(sum(g.mean() for g in gammas) / len(gammas))
     model.plan.notes["gamma_measured"] = {"mean": mean, "per_feature": True}
@@ -114,8 +118,9 @@ def flexigpt_initial(recipe: TailorRecipe, log: Callable[..., None] = print) -> 
                 f"{out / 'flexigpt'}: its training started from another stitch plan; remove that directory "
                 "to train the chosen one"
             )
-    model = flexigpt_model(recipe, plan, log)
-    save_compact(model, initial, tokenizer=load_command_tokenizer(recipe.model, StitchError))
+    tokenizer = load_command_tokenizer(recipe.model, StitchError)
+    model = flexigpt_model(recipe, plan, tokenizer, log)
+    save_compact(model, initial, tokenizer=tokenizer)
     log(f"[flexigpt] initial model -> {initial}", flush=True)
     return initial
 
