@@ -90,3 +90,24 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tensor_files(directory: str | Path) -> dict[str, Path] | None:
+    """Where each tensor of a safetensors checkpoint lives: tensor name -> file.
+
+    One ``model.safetensors``, or the shards ``model.safetensors.index.json`` names; None when the
+    directory has neither (the caller says what it needed them for).
+    """
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        return {k: d / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    single = d / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open  # only where a checkpoint is read
+
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)  # noqa: SIM118 (safe_open is not iterable)
+    return None

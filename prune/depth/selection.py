@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexigpt.shared.engine.layout import get_layout
-from flexigpt.shared.files import write_text_atomic
+from flexigpt.shared.files import tensor_files, write_text_atomic
 
 METRICS: dict[str, str] = {
     "low_rank": "eq. 2: residual of the rank-r adapter between rank-r reconstructions (default)",
@@ -131,24 +131,16 @@ def source_from_safetensors(path: str | Path, targets: Sequence[str] | None = No
         raise FileNotFoundError(f"{root}: no config.json (a local HF checkpoint directory is required)")
     cfg = json.loads(cfg_path.read_text())
     targets = get_layout(cfg.get("model_type")).targets if targets is None else tuple(targets)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        stored = weight_map.keys()
-    elif (root / "model.safetensors").is_file():
-        weight_map = None
-        with safe_open(str(root / "model.safetensors"), framework="pt") as f:
-            stored = set(f.keys())
-    else:
+    files = tensor_files(root)
+    if files is None:
         raise FileNotFoundError(f"{root}: no model.safetensors or model.safetensors.index.json")
-    names = _tensor_names(cfg.get("model_type"), targets, stored)
+    names = _tensor_names(cfg.get("model_type"), targets, files)
 
     def load(i: int) -> dict[str, torch.Tensor]:
         out = {}
         for t, pattern in names.items():
             name = pattern.format(i=i)
-            file = root / (weight_map[name] if weight_map else "model.safetensors")
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(files[name]), framework="pt") as f:
                 out[t] = f.get_tensor(name)
         return out
 

@@ -12,7 +12,6 @@ TIES and linear.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from safetensors import safe_open
 
 from flexigpt.prune.tailor.stitch import MergeSpec, Position, StitchError
 from flexigpt.shared.engine.layout import ArchLayout, get_layout
+from flexigpt.shared.files import tensor_files
 
 # Config fields that must agree between the base and a variant for their blocks to be exchangeable.
 SHAPE_FIELDS: tuple[str, ...] = (
@@ -78,17 +78,12 @@ class Source:
         if not (self.path / "config.json").is_file():
             raise StitchError(f"{name}: {self.path} has no config.json")
         self.config = AutoConfig.from_pretrained(self.path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        elif (self.path / "model.safetensors").is_file():
-            f = self.path / "model.safetensors"
-            with safe_open(str(f), framework="pt") as h:
-                self.files = {k: f for k in h.keys()}  # noqa: SIM118 (safe_open is no mapping)
-        else:
+        files = tensor_files(self.path)
+        if files is None:
             raise StitchError(
                 f"{name}: {self.path} has no model.safetensors(.index.json); only safetensors are read"
             )
+        self.files = files
 
     def read(self, names: list[str]) -> Block:
         """The tensors `names`, read from their files (one open per file)."""

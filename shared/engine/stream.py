@@ -26,7 +26,6 @@ base and the removed block while an adapter is SVD-initialised).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.parts import skeleton
+from flexigpt.shared.files import tensor_files
 
 SOURCE_INDEX = "model.safetensors.index.json"
 SOURCE_WEIGHTS = "model.safetensors"
@@ -191,11 +191,9 @@ def _set(module: nn.Module, path: str, value: nn.Parameter) -> None:
 
 
 def _weight_map(folder: Path) -> dict[str, Path]:
-    index = folder / SOURCE_INDEX
-    if index.is_file():
-        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    single = folder / SOURCE_WEIGHTS
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)  # noqa: SIM118 (safe_open is not iterable)
-    raise StreamError(f"{folder}: no {SOURCE_WEIGHTS} or {SOURCE_INDEX} (safetensors weights are required)")
+    files = tensor_files(folder)
+    if files is None:
+        raise StreamError(
+            f"{folder}: no {SOURCE_WEIGHTS} or {SOURCE_INDEX} (safetensors weights are required)"
+        )
+    return files
