@@ -252,6 +252,12 @@ class TrainSection(Section):
         ge=1,
         description="Training tokens; steps = ceil(budget / (global_batch x seq_len)). Set this or max_steps.",
     )
+    stop_at_step: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this step with a checkpoint although the schedule runs to max_steps / "
+        "token_budget (no final export); a later run resumes there. null, or a step at or past the end: run to the end.",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp32 on CPU, bf16 on GPUs that support it, else fp16."
     )

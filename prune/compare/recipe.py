@@ -23,12 +23,14 @@ BASELINE_METHODS: tuple[str, ...] = ("replaceme", "replaceme_cosine", "streamlin
 # FlexiGPT with other output-norm options than compare.replace's, each built by a prune run of its own
 # in output_dir/<dir>: name -> (dir, the replace: values it sets). flexigpt_calibrated adds 'measured'
 # and 'none' to compare.replace.gamma_candidates.
-NO_NORM = "flexigpt_no_norm"
+# flexigpt_late_norm adds its norm after compare.norm_after recovery steps (LATE stands for that step).
+NO_NORM, LATE = "flexigpt_no_norm", "compare.norm_after"
 NORM_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     NO_NORM: ("prune-no-norm", {"out_norm": False, "gamma": 0.0}),
     "flexigpt_gamma_paper": ("prune-gamma-paper", {"out_norm": True, "gamma": 0.01}),
     "flexigpt_measured": ("prune-measured", {"out_norm": True, "gamma": "measured"}),
     "flexigpt_calibrated": ("prune-calibrated", {"out_norm": True, "gamma": "calibrate"}),
+    "flexigpt_late_norm": ("prune-late-norm", {"out_norm": True, "gamma": "measured", "norm_after": LATE}),
 }
 METHODS: tuple[str, ...] = (*VARIANTS, *NORM_METHODS, *BASELINE_METHODS)
 
@@ -118,6 +120,13 @@ class CompareSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where models are built and evaluated."
     )
+    norm_after: int | None = Field(
+        None,
+        ge=1,
+        description="flexigpt_late_norm: the recovery step after which its output norms are added (gamma "
+        "measured on the trained slots); null: half of train.max_steps. compare.replace.norm_after stays null "
+        "(flexigpt itself has its norm from the start).",
+    )
     lr: dict[str, float] = Field(
         default_factory=dict,
         description="Recovery learning rate per method (method -> lr), e.g. {shortgpt: 2.0e-4} for the full "
@@ -169,6 +178,25 @@ class CompareRecipe(CommandRecipe):
 
     @model_validator(mode="after")
     def _check_compare(self) -> CompareRecipe:
+        c, steps = self.compare, self.train.max_steps
+        if c.replace.norm_after is not None:
+            raise ValueError(
+                "compare.replace.norm_after: leave it null; the method flexigpt_late_norm adds the norm later, "
+                "at compare.norm_after"
+            )
+        if "flexigpt_late_norm" in c.methods:
+            if c.recovery != "equal":
+                raise ValueError(
+                    "compare.methods: flexigpt_late_norm adds its norm during the recovery, so it needs "
+                    "compare.recovery: equal (with none it is the flexigpt_no_norm model)"
+                )
+            if c.norm_after is None and (steps is None or steps < 2):
+                raise ValueError(
+                    "compare.norm_after: set it for flexigpt_late_norm (its default, half of train.max_steps, needs "
+                    f"train.max_steps >= 2, not {steps})"
+                )
+            if c.norm_after is not None and steps is not None and c.norm_after >= steps:
+                raise ValueError(f"compare.norm_after={c.norm_after}: must be below train.max_steps={steps}")
         if not self.compare.perplexity and self.data.eval is None:
             raise ValueError(
                 "compare.perplexity is empty and data.eval is null: name at least one text to judge on"

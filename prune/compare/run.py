@@ -5,8 +5,9 @@
 - ``compare_recipe.yaml`` and ``compare_settings.json`` (what decides the models; a rerun with other
   settings is refused);
 - ``prune/``: the prune command's run of the FlexiGPT family (flexigpt, shortgpt, shortgpt_lora);
-- ``prune-no-norm/``, ``prune-gamma-paper/``, ``prune-measured/``, ``prune-calibrated/``: the prune
-  runs of the FlexiGPT output-norm options the recipe names (``NORM_METHODS``);
+- ``prune-no-norm/``, ``prune-gamma-paper/``, ``prune-measured/``, ``prune-calibrated/``,
+  ``prune-late-norm/``: the prune runs of the FlexiGPT output-norm options the recipe names
+  (``NORM_METHODS``);
 - ``<method>/`` for every baseline: ``initial/`` (the pruned plain model), ``method.json`` (what the
   method chose; written last, the completion mark), then the trainer's files and ``final/``;
 - ``cards/<model>.json``: the measured perplexities and zero-shot scores (reused on a rerun);
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from flexigpt.prune.compare.card import Card, measure_speed, param_counts, write_card, zeroshot_scores
-from flexigpt.prune.compare.recipe import NORM_METHODS, CompareRecipe
+from flexigpt.prune.compare.recipe import LATE, NORM_METHODS, CompareRecipe
 from flexigpt.prune.depth.baselines import BASELINES, get_baseline
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
@@ -72,6 +73,8 @@ def family_recipe(recipe: CompareRecipe, option: str | None = None) -> PruneReci
     replace = c.replace.model_dump(mode="json")
     if option is not None:
         replace.update(NORM_METHODS[option][1])
+        if replace.get("norm_after") == LATE:  # flexigpt_late_norm
+            replace["norm_after"] = c.norm_after or (recipe.train.max_steps or 2) // 2
         if replace["gamma"] == "calibrate":  # flexigpt_calibrated: measured and none among the candidates
             extra = [w for w in ("measured", "none") if w not in replace["gamma_candidates"]]
             replace["gamma_candidates"] = [*replace["gamma_candidates"], *extra]
@@ -203,17 +206,20 @@ def _lr(recipe: CompareRecipe, name: str) -> dict[str, float]:
 
 def train_family(recipe: CompareRecipe, family: PruneRecipe, option: str | None, log: Callable) -> None:
     """Recovery of the variants of one prune run, each at its method's learning rate, one budget."""
+    from flexigpt.prune.depth.late_norm import recover
     from flexigpt.shared.train.components import init_distributed
-    from flexigpt.shared.train.trainer import train
 
     init_distributed(recipe.train.cpu_shm_comm, recipe.train.dist_timeout_s)
     for v in trained_variants(family):
         name = option or v
         tr = train_recipe(family, v, _lr(recipe, name))
         vdir = method_dir(recipe, name)
-        log(f"[{name}] recovery training ({tr.train.trainable}, lr {tr.train.lr:g}) -> {vdir}")
-        res = train(tr)
-        _write_recovery(vdir, res, tr.train.trainable, tr.train.lr)
+        trainable, k = tr.train.trainable, family.prune.replace.norm_after
+        if v == "flexigpt" and k is not None:
+            trainable = f"{trainable} (output norms from step {k})"
+        log(f"[{name}] recovery training ({trainable}, lr {tr.train.lr:g}) -> {vdir}")
+        res = recover(family, v, _lr(recipe, name), log)
+        _write_recovery(vdir, res, trainable, tr.train.lr)
         if res.interrupted_by:
             raise PruneError(f"[{name}] recovery stopped by signal {res.interrupted_by}; run again to resume")
 

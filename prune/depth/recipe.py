@@ -177,6 +177,15 @@ class ReplaceSection(Section):
         "which the slots contribute most (numbers by size, then 'measured', then 'none'; the paper's start "
         "PPL 21.82 is just below ShortGPT's 22.76); closest: the candidate nearest to it in log-perplexity.",
     )
+    norm_after: int | None = Field(
+        None,
+        ge=1,
+        description="Add the output norm only after this many recovery steps: the FlexiGPT model is built and "
+        "trained without it up to that step, then every replacement slot gets its norm, gamma set by gamma "
+        "(a number, or 'measured' on the trained slots' own outputs), and the recovery continues with the same "
+        "schedule and data stream to the end (the optimizer moments start again). The model before recovery "
+        "is then the no-norm model. null: the norm is there from the start.",
+    )
     out_norm_eps: float = Field(1e-5, gt=0, description="Output-norm epsilon (not given by the paper).")
     own_norms: bool = Field(
         False,
@@ -328,6 +337,23 @@ class PruneRecipe(CommandRecipe):
 
     @model_validator(mode="after")
     def _check_prune(self) -> PruneRecipe:
+        r, t = self.prune.replace, self.train
+        if r.norm_after is not None:
+            if not r.out_norm or r.gamma == "calibrate":
+                raise ValueError(
+                    f"prune.replace.norm_after={r.norm_after} adds the output norm later: it needs out_norm: true "
+                    f"and gamma a number or 'measured' (not out_norm={r.out_norm}, gamma={r.gamma!r})"
+                )
+            if t.max_steps is not None and r.norm_after >= t.max_steps:
+                raise ValueError(
+                    f"prune.replace.norm_after={r.norm_after}: must be below train.max_steps={t.max_steps} "
+                    "(the steps trained with the norm come after it)"
+                )
+            if t.stop_at_step is not None:
+                raise ValueError(
+                    "train.stop_at_step: not with prune.replace.norm_after, whose first recovery phase stops there "
+                    "itself; stop the command with a signal instead (a rerun resumes)"
+                )
         if self.prune.perplexity is None and self.data.eval is None:
             raise ValueError(
                 "prune.perplexity: null measures the start perplexity on data.eval, which is null too; set "

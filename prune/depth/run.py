@@ -13,8 +13,10 @@
 - ``<variant>/`` for each of flexigpt, shortgpt, shortgpt_lora:
   ``initial/`` (the pruned model, compact format; ShortGPT also ``initial_plain/``, a plain HF
   model with fewer layers), ``plan.json`` (written once ``initial/`` is complete: the completion
-  mark), ``start_ppl.json``, ``gamma.json`` (flexigpt with ``gamma: calibrate``), and what the
-  trainer writes there (``recipe.yaml``, ``checkpoints/``, ``tb/``, ``final/``).
+  mark), ``start_ppl.json``, ``gamma.json`` (flexigpt with ``gamma: calibrate`` or ``measured``), and
+  what the trainer writes there (``recipe.yaml``, ``checkpoints/``, ``tb/``, ``final/``); with
+  ``replace.norm_after`` also ``phase1/``, ``initial_normed/`` and ``gamma_late.json``
+  (``late_norm``).
 
 Run again with the same recipe, every finished step is read back instead of redone and the
 trainer resumes each variant from its newest checkpoint. A variant whose plan differs from the one
@@ -70,7 +72,7 @@ from flexigpt.shared.engine.plan import Plan, PlanError
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import TrainRecipe
 
-INITIAL, PLAIN = "initial", "initial_plain"
+INITIAL, PLAIN, NORMED = "initial", "initial_plain", "initial_normed"
 
 
 class RunDir:
@@ -151,11 +153,17 @@ def variant_plan(
     removed: list[int],
     selection: SelectionResult | None,
     gamma: GammaCalibration | None = None,
+    *,
+    late: bool = False,
 ) -> Plan:
     """The plan of one variant; with a measured or calibrated gamma, the chosen one is the plan's
     (``none``: no output norm; ``measured``: the plan records the mean of the per-feature gammas,
-    which the saved model holds)."""
+    which the saved model holds). With ``replace.norm_after`` the variant starts without output
+    norms; `late` gives the plan they are added with."""
     options = recipe.prune.options()
+    late_norm = kind == "flexigpt" and recipe.prune.replace.norm_after is not None
+    if late_norm and not late:
+        options = dc_replace(options, out_norm=False, gamma=0.0)
     if gamma is not None and gamma.gamma == NONE:
         options = dc_replace(options, out_norm=False, gamma=0.0)
     elif gamma is not None:
@@ -177,6 +185,8 @@ def variant_plan(
         }
     if gamma is not None and gamma.gamma == MEASURED:
         plan.notes["gamma_measured"] = {"mean": gamma.measured_mean, "per_feature": True}
+    if late_norm:  # a rerun with another step is another plan
+        plan.notes["norm_after"] = p.replace.norm_after
     return plan
 
 
@@ -194,7 +204,7 @@ def plans_for(
     recipe: PruneRecipe, config: PretrainedConfig, rd: RunDir, removed: list[int], sel: SelectionResult | None
 ) -> dict[str, Plan]:
     """Every variant's plan (a calibrated or measured gamma is read back from its ``gamma.json``)."""
-    calibrate = recipe.prune.replace.gamma in ("calibrate", MEASURED)
+    calibrate = measures_gamma(recipe)
     return {
         v: variant_plan(
             recipe,
@@ -208,6 +218,12 @@ def plans_for(
     }
 
 
+def measures_gamma(recipe: PruneRecipe) -> bool:
+    """Whether building the FlexiGPT variant measures or calibrates gamma (not when its norm comes later)."""
+    r = recipe.prune.replace
+    return r.gamma in ("calibrate", MEASURED) and r.norm_after is None
+
+
 def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
     """``fresh`` (not built yet) or ``ready`` (initial model and an equal plan on disk).
 
@@ -218,7 +234,13 @@ def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
     mark = vdir / "plan.json"
     if not mark.is_file():
         return "fresh"
-    if Plan.load(mark).to_dict() != plan.to_dict():
+    saved = Plan.load(mark).to_dict()
+    normed = vdir / NORMED / "plan.json"
+    if saved != plan.to_dict() and normed.is_file() and saved == Plan.load(normed).to_dict():
+        # the recovery of a late output norm trains (and records) the plan with the norms: the built one
+        # is initial/'s
+        saved = Plan.load(vdir / INITIAL / "plan.json").to_dict()
+    if saved != plan.to_dict():
         raise PruneError(
             f"{vdir} was built with another plan ({mark}); refusing to overwrite a started run. Use another "
             f"output_dir, or the recipe of that run ({rd.recipe})"
@@ -343,7 +365,7 @@ def prune(recipe: PruneRecipe, config: PretrainedConfig, log: Callable = print) 
             result.ppl,
             name in trained_variants(recipe),
         )
-    if "flexigpt" in p.variants and p.replace.gamma in ("calibrate", MEASURED) and gamma_file.is_file():
+    if "flexigpt" in p.variants and measures_gamma(recipe) and gamma_file.is_file():
         text = json.loads(gamma_file.read_text()).get("text", {}).get("described", "(not recorded)")
         summary.texts["gamma chosen on"] = text
     source.free()
@@ -421,7 +443,7 @@ def _build(
     """
     vdir, tokenizer = rd.variant(name), ppl.tokenizer
     model = build_variant(source.get(), plan, config, seed=recipe.train.seed, blocks=source.blocks)
-    if name == "flexigpt" and recipe.prune.replace.gamma in ("calibrate", MEASURED):
+    if name == "flexigpt" and measures_gamma(recipe):
         model, plan = _choose_gamma(recipe, config, name, plan, model, sel, source, ppl, log)
     save_compact(
         model, vdir / INITIAL, tokenizer=tokenizer, max_shard_size=source.shard_size, read=source.read
@@ -494,21 +516,30 @@ def trained_variants(recipe: PruneRecipe) -> list[str]:
     return [v for v in recipe.prune.variants if v != "shortgpt" or recipe.prune.shortgpt_recovery == "all"]
 
 
-def train_recipe(recipe: PruneRecipe, name: str, overrides: dict[str, Any] | None = None) -> TrainRecipe:
+def train_recipe(
+    recipe: PruneRecipe,
+    name: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    initial: Path | None = None,
+    output_dir: Path | None = None,
+) -> TrainRecipe:
     """The ``train`` recipe of one variant: the prune recipe's sections, starting from its ``initial/``.
 
     Every variant gets the same ``train:`` and ``data:`` (the same recovery budget); the ShortGPT model
     has no adapters, so its (optional) recovery trains every parameter. `overrides` replace ``train:``
-    values (the compare command's per-method learning rate).
+    values (the compare command's per-method learning rate); `initial` and `output_dir` replace the
+    variant's ``initial/`` and directory (the phases of a late output norm).
     """
     vdir = RunDir(Path(recipe.output_dir)).variant(name)
+    initial = initial or vdir / INITIAL
     train: dict[str, Any] = dict(overrides or {})
     if name == "shortgpt":
         train["trainable"] = "all"
-    plan = Plan.load(vdir / "plan.json")
+    plan = Plan.load(initial / "plan.json")
     if "materialized" in recipe.train.export and any(s.out_norm for s in plan.slots):
         train["export"] = "compact"  # output norms have no plain-model counterpart
-    return handoff_train_recipe(recipe, vdir / INITIAL, output_dir=vdir, train=train)
+    return handoff_train_recipe(recipe, initial, output_dir=output_dir or vdir, train=train)
 
 
 def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print) -> Any:
@@ -540,15 +571,15 @@ def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print)
     summary = rank0_step("the pruning step", lambda: prune(recipe, config, log), PruneError, t.rank0_wait_s)
     if prune_only:
         return summary
+    from flexigpt.prune.depth.late_norm import recover
     from flexigpt.shared.train.components import init_distributed
-    from flexigpt.shared.train.trainer import train
 
     init_distributed(t.cpu_shm_comm, t.dist_timeout_s)
     results: dict[str, Any] = {}
     for name in trained_variants(recipe):
         log(f"[{name}] recovery training -> {rd.variant(name)}")
         # every rank starts from the saved initial model, so all ranks (and every restart) agree exactly
-        results[name] = train(train_recipe(recipe, name))
+        results[name] = recover(recipe, name, log=log)
         if results[name].interrupted_by:
             break  # a signal stopped this run after its checkpoint: leave the next variants for the rerun
     return results

@@ -196,7 +196,7 @@ class TailorSection(Section):
     replace: ReplaceSection = Field(
         default_factory=ReplaceSection,
         description="Replacement slots of recovery: flexigpt (the prune command's prune.replace keys; gamma "
-        "is 'measured', on warm_start.calibration_files, or a number).",
+        "is 'measured', on warm_start.calibration_files, or a number; norm_after stays null).",
     )
     selection: SelectionSection = Field(
         default_factory=SelectionSection,
@@ -206,6 +206,11 @@ class TailorSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TailorSection:
+        if self.replace.norm_after is not None:
+            raise ValueError(
+                "replace.norm_after is not offered by the tailor command (its recovery has the output norm from "
+                "the start); leave it null"
+            )
         if self.replace.gamma == "calibrate":
             raise ValueError(
                 "replace.gamma='calibrate' is not offered by the tailor command; give 'measured' or a number "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace as dc_replace
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from transformers import (
 from flexigpt.shared.engine.adapters import OutputNorm, SharedLoraLinear, init_lora, lora_factors, make_lora
 from flexigpt.shared.engine.layout import ArchLayout, get_layout
 from flexigpt.shared.engine.parts import ADAPTER, BLOCK, OUT_NORM, skeleton, slot_param_roles
-from flexigpt.shared.engine.plan import BlockShape, Plan, PlanError, SlotSpec
+from flexigpt.shared.engine.plan import BlockShape, OutNormSpec, Plan, PlanError, SlotSpec
 from flexigpt.shared.engine.shared_grad import install_shared_linears
 
 
@@ -323,11 +324,41 @@ def _build_slot(
                 init_lora(lora, a.init, target_w)
             layer.set_submodule(path, lora)
     if spec.out_norm is not None:
-        for path in (layout.attn_out, layout.mlp_out):
-            inner = layer.get_submodule(path)
-            like = src.get_submodule(path).weight
-            layer.set_submodule(path, OutputNorm(inner, like, spec.out_norm.gamma, spec.out_norm.eps))
+        _wrap_output_norms(layer, spec.out_norm, layout)
     return layer
+
+
+def _wrap_output_norms(layer: nn.Module, spec: OutNormSpec, layout: ArchLayout) -> None:
+    for path in (layout.attn_out, layout.mlp_out):
+        inner = layer.get_submodule(path)
+        # a LoRA wrapper's .weight is its base layer's: the block's weight, as in a fresh build
+        layer.set_submodule(path, OutputNorm(inner, inner.weight, spec.gamma, spec.eps))
+
+
+def add_output_norms(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
+    """Give a built model the output norms of `plan`, which equals ``model.plan`` but for them.
+
+    The slots whose spec gains an ``out_norm`` get the norm (gamma filled with the spec's value)
+    around their attention and MLP outputs; nothing else changes, so trained adapters and norms
+    stay as they are (a norm added after a first phase of training). The model is changed in place.
+
+    Raises:
+        PlanError: `plan` differs from the model's plan in anything but added output norms.
+    """
+    old = model.plan
+    if len(old.slots) != len(plan.slots):
+        raise PlanError(f"plan has {len(plan.slots)} slots, the model {len(old.slots)}")
+    for i, (a, b) in enumerate(zip(old.slots, plan.slots, strict=True)):
+        if dc_replace(b, out_norm=a.out_norm) != a or (a.out_norm is not None and a.out_norm != b.out_norm):
+            raise PlanError(f"slots[{i}]: the plans differ in more than an added output norm")
+    layout = get_layout(model.config)
+    layers = _layers(model, layout)
+    for i, (a, b) in enumerate(zip(old.slots, plan.slots, strict=True)):
+        if a.out_norm is None and b.out_norm is not None:
+            _wrap_output_norms(layers[i], b.out_norm, layout)
+    model.plan = plan
+    verify(model)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -376,7 +376,8 @@ def _train(
         _release(engine)
         del engine, loop, optimizer, scheduler
         gc.collect()
-    if result.interrupted_by is None and t.export != "none" and result.checkpoint is not None:
+    finished = result.step >= total_steps  # not a run stopped at train.stop_at_step
+    if finished and result.interrupted_by is None and t.export != "none" and result.checkpoint is not None:
         # rank 0 alone exports (minutes for a large model): the others wait outside any collective
         exported = rank0_step(
             "the final export",
@@ -455,8 +456,9 @@ class _Loop:
         result.checkpoint = checkpoint
         self.bad_steps = 0
         engine.train()
+        end = min(self.total_steps, t.stop_at_step or self.total_steps)
         with _StopRequest() as stop:
-            while step < self.total_steps:
+            while step < end:
                 flags = self.train_step(step + 1, stop)
                 step += 1
                 tokens_seen += self.global_batch * self.recipe.data.seq_len
@@ -471,7 +473,7 @@ class _Loop:
                 if self.evals and t.eval_every and step % t.eval_every == 0:
                     with window.paused():
                         result.eval_loss = self._evaluate(step)
-                if step % t.checkpoint_every == 0 or step == self.total_steps or stopping:
+                if step % t.checkpoint_every == 0 or step == end or stopping:
                     with window.paused():
                         result.checkpoint = self._save(step, tokens_seen)
                     saved_at = step
@@ -484,6 +486,11 @@ class _Loop:
         if saved_at != step and step > 0 and result.interrupted_by is None:
             result.checkpoint = self._save(step, tokens_seen)
         result.step, result.tokens_seen = step, tokens_seen
+        if step < self.total_steps and result.interrupted_by is None and self.rank == 0:
+            print(
+                f"stopped at step {step} of {self.total_steps} (train.stop_at_step={t.stop_at_step}); "
+                f"its checkpoint {result.checkpoint} continues the run"
+            )
         return result
 
     def _check_finite(self, step: int, loss: float, last: Path | None) -> None:

@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -41,7 +42,7 @@ def _task(d: Path) -> Path:
 
 def test_registered_baselines_are_the_recipe_methods() -> None:
     assert set(BASELINE_METHODS) == set(BASELINES)
-    assert len(METHODS) == len(set(METHODS)) == 12
+    assert len(METHODS) == len(set(METHODS)) == 13
 
 
 def _recipe_methods() -> list[str]:
@@ -130,6 +131,37 @@ def test_bad_learning_rates_and_duplicate_options_are_refused(prune_workspace, t
     assert main([RECIPE, *prune_overrides(prune_workspace, out, twice)]) == 2
     assert "flexigpt built twice" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_late_norm_method_gets_the_same_budget_and_its_norms_midway(prune_workspace, tmp_path) -> None:
+    out = tmp_path / "late"
+    methods = "compare.methods=[flexigpt, flexigpt_no_norm, flexigpt_late_norm]"
+    extra = [methods, "train.max_steps=4", "train.checkpoint_every=2", "compare.speed=null"]
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
+    rows = {m["name"]: m for m in json.loads((out / "comparison.json").read_text())["methods"]}
+    late = rows["flexigpt_late_norm"]
+    # half of max_steps without norms, then with them; the budget is everyone's
+    assert late["recovery_trainable"] == "adapters+norms (output norms from step 2), lr 0.01"
+    assert late["recovery_tokens"] == rows["flexigpt"]["recovery_tokens"] == 4 * 2 * 2 * 32
+    # it starts as the no-norm model and ends with flexigpt's parameters (the norms added)
+    assert late["ppl_start"] == rows["flexigpt_no_norm"]["ppl_start"]
+    assert late["params"] == rows["flexigpt"]["params"] > rows["flexigpt_no_norm"]["params"]
+    assert (out / "prune-late-norm" / "flexigpt" / "gamma_late.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("values", "want"),
+    [
+        (["compare.methods=[flexigpt_late_norm]", "compare.recovery=none"], "needs compare.recovery: equal"),
+        (["compare.methods=[flexigpt_late_norm]", "compare.norm_after=4"], "must be below train.max_steps=4"),
+        (["compare.replace.norm_after=2"], "compare.replace.norm_after: leave it null"),
+    ],
+)
+def test_bad_late_norm_settings_are_refused(prune_workspace, tmp_path, capsys, values, want) -> None:
+    out = tmp_path / "bad"
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, *values)]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err and not out.exists()
 
 
 def test_training_free_comparison_trains_nothing(prune_workspace, tmp_path) -> None:

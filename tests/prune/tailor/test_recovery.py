@@ -83,6 +83,7 @@ def test_recovery_keys_are_checked(tailor_setting, tmp_path, capsys) -> None:
         (["tailor.recovery=flexigpt"], "tailor.recovery=flexigpt trains the replacement slots"),
         (["tailor.recovery=lora"], "tailor.recovery"),
         (["tailor.replace.gamma=calibrate"], "replace.gamma='calibrate' is not offered"),
+        (["tailor.replace.norm_after=2"], "replace.norm_after is not offered"),
         (
             [
                 "tailor.recovery=flexigpt",
