@@ -53,7 +53,13 @@ from flexigpt.prune.depth.steps import (
 )
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer
 from flexigpt.shared.engine.checkpoint import load_model
-from flexigpt.shared.evaluate.perplexity import encode_documents, file_documents, perplexity, stream_documents
+from flexigpt.shared.evaluate.perplexity import (
+    describe_section,
+    encode_documents,
+    perplexity,
+    section_documents,
+    stream_documents,
+)
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import StreamSection
 
@@ -251,16 +257,15 @@ class Texts:
         self.described: dict[str, str] = {}
         texts = dict(recipe.compare.perplexity)
         for name, pc in texts.items():
-            docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
             ids = encode_documents(
-                docs,
+                section_documents(pc),
                 tokenizer,
                 max_tokens=pc.max_tokens,
                 add_bos=self.rule.bos,
                 eos_between_docs=self.rule.eos_between_docs,
             )
             self.streams[name] = (ids, pc.context_len, pc.stride, pc.batch_size)
-            where = f"files {pc.files}" if pc.files else "a stream"
+            where = describe_section(pc)
             self.described[name] = (
                 f"{where}, {len(ids):,} tokens, windows of {pc.context_len or 'the model limit (<= 2048)'} with stride "
                 f"{pc.stride or 'context/2'}"

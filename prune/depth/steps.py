@@ -31,9 +31,10 @@ from flexigpt.shared.command import pick_device
 from flexigpt.shared.engine.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_model
 from flexigpt.shared.evaluate.perplexity import (
     PerplexityResult,
+    describe_section,
     encode_documents,
-    file_documents,
     perplexity,
+    section_documents,
     stream_documents,
 )
 from flexigpt.shared.files import write_text_atomic
@@ -370,7 +371,7 @@ class StartPerplexity:
         pc, data = recipe.prune.perplexity, recipe.data
         if pc is not None:
             self.settings: dict[str, Any] = {"prune.perplexity": pc.model_dump(mode="json")}
-            source = f"files {pc.files}" if pc.files else describe_stream(pc.stream)
+            source = describe_section(pc)
             max_tokens = pc.max_tokens
         else:
             assert data.eval is not None  # the recipe validator asks for one of the two
@@ -395,7 +396,7 @@ class StartPerplexity:
             pc, data = self.recipe.prune.perplexity, self.recipe.data
             if pc is not None:
                 key = "prune.perplexity"
-                docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
+                docs = section_documents(pc)
                 max_tokens = pc.max_tokens
             else:
                 assert data.eval is not None

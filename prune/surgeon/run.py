@@ -42,7 +42,12 @@ from flexigpt.shared.command import load_command_tokenizer, pick_device, read_so
 from flexigpt.shared.engine.apply import apply_plan, stored_param_count
 from flexigpt.shared.engine.checkpoint import export_materialized, load_model, save_compact
 from flexigpt.shared.engine.layout import get_layout
-from flexigpt.shared.evaluate.perplexity import encode_documents, file_documents, perplexity, stream_documents
+from flexigpt.shared.evaluate.perplexity import (
+    encode_documents,
+    perplexity,
+    section_documents,
+    stream_documents,
+)
 from flexigpt.shared.recipe import RecipeError, StreamSection
 from flexigpt.shared.text import TextRule, resolve_text_rule
 from flexigpt.shared.train.components import DTYPES
@@ -104,7 +109,7 @@ class _Perplexity:
         pc, data = recipe.surgeon.perplexity, recipe.data
         try:
             if pc is not None:
-                docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
+                docs = section_documents(pc)
                 n = pc.max_tokens
                 self.context, self.stride, self.batch = pc.context_len, pc.stride, pc.batch_size
             else:

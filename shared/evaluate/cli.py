@@ -61,6 +61,13 @@ class PerplexitySection(Section):
         None, ge=1, description="Distance between window starts; null: context_len // 2."
     )
     batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
+    join: str | None = Field(
+        None,
+        description="Join every document into one text with this string before tokenizing (the text rule's "
+        "EOS between documents then does not apply): '\\n\\n' over the rows of the hub's wikitext-2-raw-v1 "
+        "test split is the WikiText-2 text of the SparseGPT / SliceGPT / LLM Surgeon code; null: the documents "
+        "are joined by the text rule.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PerplexitySection:
@@ -209,29 +216,28 @@ def evaluate_variant(name: str, model: Any, tokenizer: Any, cfg: EvalConfig, pat
         path: where the model came from (shown in the report).
     """
     from flexigpt.shared.evaluate.perplexity import (
+        describe_section,
         encode_documents,
-        file_documents,
         perplexity,
-        stream_documents,
+        section_documents,
     )
     from flexigpt.shared.evaluate.report import Variant, describe_model
     from flexigpt.shared.evaluate.zeroshot import evaluate_zeroshot
-    from flexigpt.shared.text import describe_stream, describe_text, resolve_text_rule
+    from flexigpt.shared.text import describe_text, resolve_text_rule
 
     stored, slots, n_src, plan = describe_model(model)
     variant = Variant(name, path, stored, slots, n_src, plan=plan)
     if cfg.perplexity is not None:
         pc = cfg.perplexity
         rule = resolve_text_rule(cfg.text, tokenizer)
-        docs = file_documents(pc.files) if pc.files else stream_documents(pc.stream)
         ids = encode_documents(
-            docs,
+            section_documents(pc),
             tokenizer,
             max_tokens=pc.max_tokens,
             add_bos=rule.bos,
             eos_between_docs=rule.eos_between_docs,
         )
-        source = f"files {pc.files}" if pc.files else describe_stream(pc.stream)
+        source = describe_section(pc)
         variant.extra["perplexity_text"] = {
             "source": source,
             "max_tokens": pc.max_tokens,

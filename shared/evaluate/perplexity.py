@@ -386,6 +386,30 @@ def file_documents(patterns: str | Sequence[str], *, text_field: str = "text") -
         yield from stream_documents(StreamSection(source="files", files=other, text_field=text_field))
 
 
+def section_documents(section: Any) -> Iterator[str]:
+    """The documents of a perplexity section (``files`` or ``stream``), as one text when it has a ``join``.
+
+    ``join: "\\n\\n"`` over the rows of WikiText-2 raw test (``wikitext-2-raw-v1`` on the hub: one row
+    per line of the raw file, blank lines as empty rows) gives the text of ``"\\n\\n".join(data["text"])``,
+    the WikiText-2 perplexity text of the SparseGPT, SliceGPT and LLM Surgeon code.
+    """
+    docs = file_documents(section.files) if section.files else stream_documents(section.stream)
+    join = getattr(section, "join", None)
+    if join is None:
+        yield from docs
+    else:
+        yield join.join(docs)
+
+
+def describe_section(section: Any) -> str:
+    """The text of a perplexity section in words: its files or stream, and its join."""
+    from flexigpt.shared.text import describe_stream
+
+    source = f"files {section.files}" if section.files else describe_stream(section.stream)
+    join = getattr(section, "join", None)
+    return source if join is None else f"{source}, documents joined with {join!r}"
+
+
 def stream_documents(cfg: Any) -> Iterator[str]:
     """Documents of a ``recipe.StreamSection`` (local files or a hub stream), unshuffled."""
     from flexigpt.shared.train.data import open_documents

@@ -234,3 +234,35 @@ def test_wikitext2_with_the_real_tokenizer(shared_data) -> None:
     assert res.tokens == 1499 and res.stream_tokens == 1500
     # an untrained model is close to uniform over the 32k vocabulary
     assert 0.5 * 32000 < res.ppl < 2 * 32000
+
+
+def test_documents_joined_with_a_string_become_one_text(tmp_path) -> None:
+    from flexigpt.shared.evaluate.cli import PerplexitySection
+    from flexigpt.shared.evaluate.perplexity import describe_section, section_documents
+
+    rows = [" = Title = \n", "", " First line .\n", " Second .\n"]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    plain = PerplexitySection(files=[str(tmp_path / "rows.jsonl")])
+    joined = PerplexitySection(files=[str(tmp_path / "rows.jsonl")], join="\n\n")
+    assert list(section_documents(plain)) == rows
+    assert list(section_documents(joined)) == ["\n\n".join(rows)]
+    assert describe_section(joined).endswith("documents joined with '\\n\\n'")
+    assert "documents joined" not in describe_section(plain)
+
+
+def test_wikitext2_joined_with_blank_lines_gives_the_reference_codes_tokens(shared_data, tmp_path) -> None:
+    """The SparseGPT / SliceGPT / LLM Surgeon text: tokenizer("\\n\\n".join(test["text"])) over the rows of
+    wikitext-2-raw-v1 (one row per line of the raw file, blank lines empty), here rebuilt from test.txt."""
+    from flexigpt.shared.evaluate.cli import PerplexitySection
+    from flexigpt.shared.evaluate.perplexity import section_documents
+
+    lines = (shared_data / "wikitext-2" / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = [ln if ln.strip() else "" for ln in lines]
+    assert len(rows) == 4358  # the hub split's row count
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    tok = load_tokenizer(shared_data / "tokenizers" / "llama2-32k.model")
+    pc = PerplexitySection(files=[str(tmp_path / "test.jsonl")], join="\n\n", context_len=2048, stride=2048)
+    ids = encode_documents(section_documents(pc), tok, add_bos=True, eos_between_docs=True)
+    reference = tok("\n\n".join(rows), add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[1:].tolist() == reference  # BOS by the text rule
+    assert len(ids) // 2048 == 161 and len(ids) // 4096 == 80  # windows of the two conventions
