@@ -52,6 +52,7 @@ from flexigpt.prune.depth.steps import (
 )
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer
 from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.evaluate.cli import zeroshot_key
 from flexigpt.shared.evaluate.perplexity import encode_documents, file_documents, perplexity, stream_documents
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import StreamSection
@@ -297,7 +298,7 @@ def judge(
     key = {
         "path": str(path),
         "texts": {k: list(v[1:]) for k, v in texts.streams.items()},
-        "zeroshot": c.zeroshot.model_dump(mode="json") if c.zeroshot else None,
+        "zeroshot": zeroshot_key(c.zeroshot),
     }
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
     if saved.get("key") == key:
@@ -326,6 +327,7 @@ def judge(
                 limit=c.zeroshot.limit,
                 include_path=c.zeroshot.include_path or None,
                 include_defaults=c.zeroshot.include_defaults,
+                local_data=c.zeroshot.local_data,
             )
             measured["zeroshot"], measured["zeroshot_avg"] = zeroshot_scores(z)
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,18 @@ def test_bad_learning_rates_and_duplicate_options_are_refused(prune_workspace, t
     assert not out.exists()
 
 
+def test_local_task_data_is_checked_with_the_recipe(prune_workspace, tmp_path, capsys) -> None:
+    """compare.zeroshot.local_data goes through the evaluation's checks: a file without the task's
+    fields is refused naming the key, before anything is built."""
+    out = tmp_path / "bad"
+    (tmp_path / "piqa.jsonl").write_text(json.dumps({"goal": "To dry hands", "sol1": "a towel"}) + "\n")
+    bad = f"compare.zeroshot.local_data.piqa={tmp_path / 'piqa.jsonl'}"
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, bad)]) == 2
+    err = capsys.readouterr().err
+    assert "compare.zeroshot.local_data" in err and "lacks ['sol2', 'label']" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_training_free_comparison_trains_nothing(prune_workspace, tmp_path) -> None:
     out = tmp_path / "free"
     methods = "[shortgpt, flexigpt_no_norm, flexigpt_gamma_paper, flexigpt_calibrated, replaceme, reverse]"
