@@ -247,7 +247,10 @@ def evaluate_zeroshot(
     stray = [t for t in local if t not in wanted]
     if stray:
         raise ZeroShotError(f"local_data: {stray} are not among the tasks {list(wanted)}")
-    tm = get_task_manager(include_path, include_defaults)
+    every_local = all(t in local for t in wanted)
+    # tasks read from local_data are loaded from their YAML paths: the built-in index (seconds) is
+    # only needed for the others
+    tm = get_task_manager(include_path, include_defaults and not every_local)
     check_tasks(tm, wanted, local=list(local))
     with tempfile.TemporaryDirectory(prefix="flexigpt-tasks-") as tmp:
         yamls = write_local_tasks(local, tmp)
@@ -258,7 +261,7 @@ def evaluate_zeroshot(
         was_training = model.training
         model.eval()
         try:
-            with _offline(all(t in local for t in wanted)):
+            with _offline(every_local):
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=tm, log_samples=False
                 )

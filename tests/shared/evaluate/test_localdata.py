@@ -273,7 +273,18 @@ def test_bad_local_data_is_refused_before_any_model_loads(local_data, tmp_path, 
     assert "['winogrande'] are not among tasks ['piqa']" in err
 
 
-def test_eval_command_scores_local_data_and_rescores_when_it_changes(local_data, tmp_path, capsys) -> None:
+def test_eval_command_scores_local_data_and_rescores_when_it_changes(
+    local_data, tmp_path, capsys, monkeypatch
+) -> None:
+    from flexigpt.shared.evaluate import zeroshot
+
+    asked = []  # every task is local: lm-eval's built-in registry is not indexed, whatever include_defaults
+
+    def spy(include_path=None, include_defaults=True):
+        asked.append(include_defaults)
+        return get_task_manager(include_path, include_defaults)
+
+    monkeypatch.setattr(zeroshot, "get_task_manager", spy)
     tok = char_tokenizer()
     save_compact(shared_model(pruned_plan(out_norm=True)), tmp_path / "flexi", tokenizer=tok)
     wino = tmp_path / "winogrande.jsonl"
@@ -283,9 +294,9 @@ def test_eval_command_scores_local_data_and_rescores_when_it_changes(local_data,
         f"output_dir={tmp_path / 'eval'}",
         "zeroshot.tasks=[piqa, winogrande]",
         f"zeroshot.local_data={{piqa: {local_data['piqa']}, winogrande: {wino}}}",
-        "zeroshot.include_defaults=false",
     ]
     assert main(args) == 0
+    assert asked == [False]
     assert "reusing" not in capsys.readouterr().out
     rep = json.loads((tmp_path / "eval" / "report.json").read_text())
     scores = rep["variants"][0]["zeroshot"]["scores"]
