@@ -53,6 +53,7 @@ from flexigpt.prune.depth.steps import (
 )
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer
 from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.evaluate.cli import zeroshot_key
 from flexigpt.shared.evaluate.perplexity import (
     describe_section,
     encode_documents,
@@ -308,7 +309,7 @@ def judge(
     key = {
         "path": str(path),
         "texts": {k: list(v[1:]) for k, v in texts.streams.items()},
-        "zeroshot": c.zeroshot.model_dump(mode="json") if c.zeroshot else None,
+        "zeroshot": zeroshot_key(c.zeroshot),
     }
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
     if saved.get("key") == key:
@@ -337,6 +338,7 @@ def judge(
                 limit=c.zeroshot.limit,
                 include_path=c.zeroshot.include_path or None,
                 include_defaults=c.zeroshot.include_defaults,
+                local_data=c.zeroshot.local_data,
             )
             measured["zeroshot"], measured["zeroshot_avg"] = zeroshot_scores(z)
         cache.parent.mkdir(parents=True, exist_ok=True)

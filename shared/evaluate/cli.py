@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flexigpt.shared.evaluate.zeroshot import PAPER_TASKS
 from flexigpt.shared.recipe import (
@@ -87,8 +87,27 @@ class ZeroShotSection(Section):
     include_defaults: bool = Field(
         True, description="Also index lm-eval's built-in tasks (needed for the paper's)."
     )
+    local_data: dict[str, str] = Field(
+        default_factory=dict,
+        description="Offline copies of the paper's tasks: task -> a .jsonl/.json/.parquet file (.csv: piqa only) "
+        "or a directory of <split>* files, holding the split lm-eval evaluates (arc_easy, arc_challenge: test; "
+        "piqa, winogrande, hellaswag: validation) in the hub dataset's fields; lm-eval's own prompts and "
+        "metrics are used, only the data is local. Each task must be in tasks. See docs/evaluation.md.",
+    )
     limit: int | None = Field(None, ge=1, description="Documents per task (smoke runs); null: all.")
     batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+
+    @field_validator("local_data")
+    @classmethod
+    def _local_data(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        from flexigpt.shared.evaluate.localdata import check_local_data
+
+        check_local_data(v)
+        tasks = [t.partition(":")[0] for t in info.data.get("tasks") or []]
+        stray = [t for t in v if t not in tasks]
+        if stray:
+            raise ValueError(f"{stray} are not among tasks {tasks}; name only tasks that are evaluated")
+        return v
 
 
 class ReportSection(Section):
@@ -176,8 +195,22 @@ def load_config(path: str | Path | None, overrides: list[str]) -> EvalConfig:
         raise ValueError(f"invalid eval config\n{format_validation_error(e, EvalConfig)}") from None
 
 
+def zeroshot_key(zc: ZeroShotSection | None) -> dict[str, Any] | None:
+    """What zero-shot scores depend on: the settings and, with ``local_data``, each data file's
+    path, size and mtime (without local data the key is the settings alone, as before it existed)."""
+    from flexigpt.shared.evaluate.localdata import local_data_stamp
+
+    if zc is None:
+        return None
+    key = zc.model_dump(mode="json", exclude={"local_data"})
+    if zc.local_data:
+        key["local_data"] = local_data_stamp(zc.local_data)
+    return key
+
+
 def _fingerprint(cfg: EvalConfig, path: str) -> str:
-    """Hash of what a variant's numbers depend on: model files (size, mtime), tokenizer, settings."""
+    """Hash of what a variant's numbers depend on: model files and local task data (size, mtime),
+    tokenizer, settings."""
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
     stats = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -188,7 +221,7 @@ def _fingerprint(cfg: EvalConfig, path: str) -> str:
         "dtype": cfg.dtype,
         "perplexity": cfg.perplexity.model_dump(mode="json") if cfg.perplexity else None,
         "text": cfg.text.model_dump(mode="json"),
-        "zeroshot": cfg.zeroshot.model_dump(mode="json") if cfg.zeroshot else None,
+        "zeroshot": zeroshot_key(cfg.zeroshot),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -266,6 +299,7 @@ def evaluate_variant(name: str, model: Any, tokenizer: Any, cfg: EvalConfig, pat
             limit=zc.limit,
             include_path=zc.include_path or None,
             include_defaults=zc.include_defaults,
+            local_data=zc.local_data,
         )
         print(f"[{name}] {variant.zeroshot.summary()}", flush=True)
     return variant

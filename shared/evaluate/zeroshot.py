@@ -9,10 +9,12 @@ metric can be asked for by name (``task:metric``).
 
 The model is evaluated in memory: ``HFLM(pretrained=model, tokenizer=tok)`` accepts shared models
 (a subclass of the source CausalLM), materialised and plain ones. The built-in tasks download
-their datasets from the Hugging Face hub on first use (cached afterwards). Offline, point
-``include_path`` at a directory of local task YAMLs (``dataset_path: json`` with
-``dataset_kwargs.data_files``; ``write_choice_task`` writes one) and set ``HF_HUB_OFFLINE=1
-HF_DATASETS_OFFLINE=1`` before anything imports ``datasets``.
+their datasets from the Hugging Face hub on first use (cached afterwards). Offline, the paper's
+five tasks read local copies of their datasets through ``local_data`` (``localdata.py``: lm-eval's
+own task definitions with only the dataset replaced; while every task asked for is local, the hub
+and ``datasets`` are kept offline); any other task can be a local task YAML in ``include_path``
+(``dataset_path: json`` with ``dataset_kwargs.data_files``; ``write_choice_task`` writes one),
+with ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` set before anything imports ``datasets``.
 
 Indexing lm-eval's built-in task registry takes seconds, so task managers are built once per
 (include_path, include_defaults) and reused.
@@ -25,6 +27,8 @@ import difflib
 import json
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,14 +169,28 @@ def task_metrics(task_manager: Any, task: str) -> list[str]:
     return metrics
 
 
-def check_tasks(task_manager: Any, tasks: Mapping[str, str]) -> None:
+def check_tasks(task_manager: Any, tasks: Mapping[str, str], local: Sequence[str] = ()) -> None:
     """Refuse unknown tasks and metrics a task does not report, naming the allowed ones.
+
+    Args:
+        task_manager: the index the task names are looked up in.
+        tasks: task -> metric.
+        local: tasks read from ``local_data`` (their metrics are those of lm-eval's own YAML).
 
     Raises:
         ZeroShotError: on the first unknown task or metric.
     """
+    from flexigpt.shared.evaluate.localdata import builtin_metrics
+
     known = task_manager.all_subtasks
     for task, metric in tasks.items():
+        if task in local:
+            metrics = builtin_metrics(task)
+            if metric not in metrics:
+                raise ZeroShotError(
+                    f"tasks: task {task!r} does not report metric {metric!r}; allowed: {metrics}"
+                )
+            continue
         if task not in task_manager.task_index:
             near = difflib.get_close_matches(task, known, n=3)
             hint = f" (did you mean {near}?)" if near else ""
@@ -195,6 +213,7 @@ def evaluate_zeroshot(
     include_path: str | Path | Sequence[str | Path] | None = None,
     include_defaults: bool = True,
     max_length: int | None = None,
+    local_data: Mapping[str, str | Path] | None = None,
 ) -> ZeroShotResult:
     """Run lm-eval zero-shot on an in-memory model and keep the paper's metric of each task.
 
@@ -207,32 +226,77 @@ def evaluate_zeroshot(
         include_path: directories of local task YAMLs.
         include_defaults: also index lm-eval's built-in tasks (needed for the paper's tasks).
         max_length: context limit lm-eval truncates to; None: from the model config.
+        local_data: task -> local file or directory of its evaluated split, for any of the paper's
+            five tasks (see ``localdata.py``); each must be among `tasks`.
 
     Returns:
         The paper's metric per task and their mean.
 
     Raises:
-        ZeroShotError: unknown task or metric, or lm-eval returned no score for one.
+        ZeroShotError: unknown task or metric, a ``local_data`` task not asked for, or lm-eval
+            returned no score for one.
+        LocalDataError: a ``local_data`` entry lm-eval could not evaluate.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from flexigpt.shared.evaluate.localdata import write_local_tasks
+
     wanted = parse_tasks(tasks)
-    tm = get_task_manager(include_path, include_defaults)
-    check_tasks(tm, wanted)
-    with _without_object_model_warning():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    was_training = model.training
-    model.eval()
-    try:
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(wanted), num_fewshot=0, limit=limit, task_manager=tm, log_samples=False
-        )
-    finally:
-        model.train(was_training)
+    local = dict(local_data or {})
+    stray = [t for t in local if t not in wanted]
+    if stray:
+        raise ZeroShotError(f"local_data: {stray} are not among the tasks {list(wanted)}")
+    every_local = all(t in local for t in wanted)
+    # tasks read from local_data are loaded from their YAML paths: the built-in index (seconds) is
+    # only needed for the others
+    tm = get_task_manager(include_path, include_defaults and not every_local)
+    check_tasks(tm, wanted, local=list(local))
+    with tempfile.TemporaryDirectory(prefix="flexigpt-tasks-") as tmp:
+        yamls = write_local_tasks(local, tmp)
+        # lm-eval loads a task from a YAML path in the task list; its results keep the task's name
+        specs = [str(yamls[t]) if t in yamls else t for t in wanted]
+        with _without_object_model_warning():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        was_training = model.training
+        model.eval()
+        try:
+            with _offline(every_local):
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=tm, log_samples=False
+                )
+        finally:
+            model.train(was_training)
     if out is None:  # only non-zero ranks of a distributed run get None
         raise ZeroShotError("lm-eval returned no results on this rank")
     return collect_scores(out, wanted, limit=limit, batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def _offline(on: bool) -> Iterator[None]:
+    """Keep the hub and ``datasets`` offline while `on` (every task reads local files).
+
+    ``datasets`` reads ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` once, when it is imported, so
+    its ``config.HF_HUB_OFFLINE`` is set as well as the variables; all are restored afterwards.
+    """
+    if not on:
+        yield
+        return
+    import datasets.config
+
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved_env, saved_cfg = {k: os.environ.get(k) for k in names}, datasets.config.HF_HUB_OFFLINE
+    os.environ.update(dict.fromkeys(names, "1"))
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved_cfg
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _DropObjectModelWarning(logging.Filter):

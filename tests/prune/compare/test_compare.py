@@ -52,11 +52,20 @@ def _recipe_methods() -> list[str]:
 def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, capsys) -> None:
     out = tmp_path / "cmp"
     tasks = _task(tmp_path / "tasks")
+    wino = tmp_path / "winogrande.jsonl"  # lm-eval's own winogrande task over a local copy
+    wino.write_text(
+        "".join(
+            json.dumps({"sentence": f"The {a} sat on the {b} because _ was tired.", "option1": a, "option2": b, "answer": "1"})
+            + "\n"
+            for a, b in (("cat", "tree"), ("dog", "river"), ("bird", "fish"))
+        )
+    )  # fmt: skip
     extra = [
         "train.max_steps=2",
         "train.checkpoint_every=2",
         "compare.lr={shortgpt: 1.0e-3, reverse: 5.0e-4}",
-        f"compare.zeroshot={{tasks: [toy_choice], include_path: [{tasks}], include_defaults: false, batch_size: 4}}",
+        f"compare.zeroshot={{tasks: [toy_choice, winogrande], include_path: [{tasks}], include_defaults: false, "
+        f"batch_size: 4, local_data: {{winogrande: {wino}}}}}",
     ]
     assert main([RECIPE, *prune_overrides(prune_workspace, out, *extra)]) == 0
     card = json.loads((out / "comparison.json").read_text())
@@ -79,7 +88,9 @@ def test_compare_every_method_one_budget_one_table(prune_workspace, tmp_path, ca
         )
         assert r["layers_removed"] == 2
         assert set(r["zeroshot"]["toy_choice"]) == {"acc", "acc_norm", "paper"}
-        assert r["zeroshot_avg"] == r["zeroshot"]["toy_choice"]["acc_norm"]
+        assert set(r["zeroshot"]["winogrande"]) == {"acc", "paper"}  # lm-eval reports acc only
+        paper = (r["zeroshot"]["toy_choice"]["acc_norm"] + r["zeroshot"]["winogrande"]["acc"]) / 2
+        assert r["zeroshot_avg"] == pytest.approx(paper)
         assert r["speed"]["decode_ms_per_token"] > 0 and r["ppl"]["data.eval"] > 1
     assert rows["shortgpt"]["params"] < card["source"]["params"]
     assert rows["flexigpt"]["layers"] == 6 and rows["replaceme"]["layers"] == 4
@@ -162,6 +173,18 @@ def test_bad_late_norm_settings_are_refused(prune_workspace, tmp_path, capsys, v
     assert main([RECIPE, *prune_overrides(prune_workspace, out, *values)]) == 2
     err = capsys.readouterr().err
     assert want in err and "Traceback" not in err and not out.exists()
+
+
+def test_local_task_data_is_checked_with_the_recipe(prune_workspace, tmp_path, capsys) -> None:
+    """compare.zeroshot.local_data goes through the evaluation's checks: a file without the task's
+    fields is refused naming the key, before anything is built."""
+    out = tmp_path / "bad"
+    (tmp_path / "piqa.jsonl").write_text(json.dumps({"goal": "To dry hands", "sol1": "a towel"}) + "\n")
+    bad = f"compare.zeroshot.local_data.piqa={tmp_path / 'piqa.jsonl'}"
+    assert main([RECIPE, *prune_overrides(prune_workspace, out, bad)]) == 2
+    err = capsys.readouterr().err
+    assert "compare.zeroshot.local_data" in err and "lacks ['sol2', 'label']" in err, err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_training_free_comparison_trains_nothing(prune_workspace, tmp_path) -> None:
