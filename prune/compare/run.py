@@ -53,6 +53,7 @@ from flexigpt.prune.depth.steps import (
 )
 from flexigpt.shared.command import handoff_train_recipe, load_command_tokenizer
 from flexigpt.shared.engine.checkpoint import load_model
+from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.evaluate.cli import zeroshot_key
 from flexigpt.shared.evaluate.perplexity import (
     describe_section,
@@ -221,14 +222,22 @@ def train_family(recipe: CompareRecipe, family: PruneRecipe, option: str | None,
         name = option or v
         tr = train_recipe(family, v, _lr(recipe, name))
         vdir = method_dir(recipe, name)
-        trainable, k = tr.train.trainable, family.prune.replace.norm_after
+        trainable = _trained(tr.train.trainable, Plan.load(Path(tr.model.source) / "plan.json"))
+        k = family.prune.replace.norm_after
         if v == "flexigpt" and k is not None:
-            trainable = f"{trainable} (output norms from step {k})"
+            trainable = f"{trainable}; adapters+norms from step {k}"
         log(f"[{name}] recovery training ({trainable}, lr {tr.train.lr:g}) -> {vdir}")
         res = recover(family, v, _lr(recipe, name), log)
         _write_recovery(vdir, res, trainable, tr.train.lr)
         if res.interrupted_by:
             raise PruneError(f"[{name}] recovery stopped by signal {res.interrupted_by}; run again to resume")
+
+
+def _trained(rule: str, plan: Plan) -> str:
+    """What a recovery trains, in words: ``adapters+norms`` on a model without norms of its own is adapters."""
+    if rule == "adapters+norms" and not any(s.out_norm is not None or s.own_norms for s in plan.slots):
+        return "adapters"
+    return rule
 
 
 def _write_recovery(vdir: Path, res: Any, trainable: str, lr: float) -> None:

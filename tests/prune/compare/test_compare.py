@@ -152,7 +152,8 @@ def test_late_norm_method_gets_the_same_budget_and_its_norms_midway(prune_worksp
     rows = {m["name"]: m for m in json.loads((out / "comparison.json").read_text())["methods"]}
     late = rows["flexigpt_late_norm"]
     # half of max_steps without norms, then with them; the budget is everyone's
-    assert late["recovery_trainable"] == "adapters+norms (output norms from step 2), lr 0.01"
+    assert late["recovery_trainable"] == "adapters; adapters+norms from step 2, lr 0.01"
+    assert rows["flexigpt_no_norm"]["recovery_trainable"] == "adapters, lr 0.01"
     assert late["recovery_tokens"] == rows["flexigpt"]["recovery_tokens"] == 4 * 2 * 2 * 32
     # it starts as the no-norm model and ends with flexigpt's parameters (the norms added)
     assert late["ppl_start"] == rows["flexigpt_no_norm"]["ppl_start"]
