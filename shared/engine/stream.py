@@ -83,6 +83,9 @@ class StreamedSource:
         self.folder, self.dtype, self.device = Path(folder), dtype, torch.device(device)
         self.layout = get_layout(config)
         self._files = _weight_map(self.folder)
+        # original checkpoints of some families (the hub's OPT files) name tensors without the base
+        # model's prefix ("decoder.layers.0..." for "model.decoder.layers.0..."); transformers loads both
+        self._strip = f"{cls.base_model_prefix}."
         model = skeleton(cls, config)  # meta, rotary rebuilt from the config
         layers = model.get_submodule(self.layout.layers_path)
         self._block_params: list[list[tuple[nn.Parameter, str]]] = [[] for _ in layers]
@@ -108,11 +111,12 @@ class StreamedSource:
 
     # ------------------------------------------------------------------------------------ reading
     def _read_name(self, name: str) -> torch.Tensor:
-        file = self._files.get(name)
+        key = name if name in self._files else name.removeprefix(self._strip)
+        file = self._files.get(key)
         if file is None:
             raise StreamError(f"{self.folder}: the safetensors files have no tensor {name!r}")
         with safe_open(str(file), framework="pt", device=str(self.device)) as f:
-            return f.get_tensor(name).to(self.dtype)
+            return f.get_tensor(key).to(self.dtype)
 
     def key_of(self, p: torch.Tensor) -> str | None:
         """The source tensor name a block-matrix Parameter stands for (None for any other tensor)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def test_compare_refuses_gate_on_opt_before_writing(tmp_path, capsys) -> None:
 
 def test_opt_per_block_with_measured_gamma_writes_the_whole_runs_files(tmp_path) -> None:
     """prune.memory: per_block on OPT (learned positions, LayerNorms with biases), gamma measured."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     ws = write_workspace(tmp_path / "ws", num_layers=6, arch="opt")
     extra = (
@@ -73,12 +74,25 @@ def test_opt_per_block_with_measured_gamma_writes_the_whole_runs_files(tmp_path)
     )
     for mode in ("whole", "per_block"):
         assert main([RECIPE, *prune_overrides(ws, tmp_path / mode, f"prune.memory={mode}", *extra)]) == 0
-    for rel in ("source_ppl.json", "flexigpt/start_ppl.json", "shortgpt/start_ppl.json"):
-        a, b = (json.loads((tmp_path / m / rel).read_text())["result"]["ppl"] for m in ("whole", "per_block"))
-        assert abs(a - b) <= 1e-5 * a, rel
-    for v in ("flexigpt/initial", "shortgpt/initial", "shortgpt/initial_plain"):
-        x, y = ({} for _ in range(2))
-        for d, into in ((tmp_path / "whole" / v, x), (tmp_path / "per_block" / v, y)):
-            for f in sorted(d.glob("*.safetensors")):
-                into.update(load_file(f))
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), v
+    # the hub's original OPT files name their tensors without "model." (transformers loads both)
+    original = tmp_path / "original"
+    shutil.copytree(ws["model"], original)
+    tensors = load_file(original / "model.safetensors")
+    assert all(k.startswith("model.") for k in tensors)
+    save_file(
+        {k.removeprefix("model."): t for k, t in tensors.items()},
+        original / "model.safetensors",
+        {"format": "pt"},
+    )
+    orig = (f"model.source={original}", "prune.memory=per_block")
+    assert main([RECIPE, *prune_overrides(ws, tmp_path / "per_block_original", *orig, *extra)]) == 0
+    for mode in ("per_block", "per_block_original"):
+        for rel in ("source_ppl.json", "flexigpt/start_ppl.json", "shortgpt/start_ppl.json"):
+            a, b = (json.loads((tmp_path / m / rel).read_text())["result"]["ppl"] for m in ("whole", mode))
+            assert abs(a - b) <= 1e-5 * a, (mode, rel)
+        for v in ("flexigpt/initial", "shortgpt/initial", "shortgpt/initial_plain"):
+            x, y = ({} for _ in range(2))
+            for d, into in ((tmp_path / "whole" / v, x), (tmp_path / mode / v, y)):
+                for f in sorted(d.glob("*.safetensors")):
+                    into.update(load_file(f))
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), (mode, v)
