@@ -41,7 +41,9 @@ the full model verifies all rows in one forward, and every row keeps m + 1 token
 smallest accepted prefix over the rows still running; both caches are cropped by the same amount
 for all rows. ``shared/speculative_batch.py`` holds the per-row bookkeeping and argues why the
 cut keeps greedy and sampled tokens exact. Rows that end keep running on pad tokens, as in
-``generate``. Greedy equality with ``model.generate`` holds up to floating point: the full model scores several
+``generate``.
+
+Greedy equality with ``model.generate`` holds up to floating point: the full model scores several
 tokens in one forward, whose sums may round differently from one-token steps; an argmax flips only
 where two logits tie to within that rounding.
 """
