@@ -16,6 +16,7 @@ import torch
 from flexigpt.shared.engine.apply import apply_plan
 from flexigpt.shared.engine.tiny import tiny_model
 from flexigpt.shared.speculative import make_draft, speculative_generate
+from flexigpt.shared.speculative_batch import check_attention_mask, forward_inputs
 
 from .test_speculative import (
     ALL_ARCHS,
@@ -81,6 +82,25 @@ def test_batched_greedy_gives_generates_tokens_row_by_row(arch, kind):
     assert accepted > 0, "the batch never kept a draft: acceptance is not exercised"
     if arch not in ("llama3", "opt"):  # the tied-embedding variants agree everywhere
         assert row_accepted > accepted, "every row always agreed: the minimum rule is not exercised"
+
+
+@pytest.mark.parametrize("arch", ["llama2", "opt"])  # rotary and learned absolute positions
+def test_a_left_padded_row_gets_the_logits_of_its_unpadded_prompt(arch):
+    model = _model(arch, "grown")
+    ids, mask = _prompts((0, 3))
+    inputs = forward_inputs(ids, check_attention_mask(ids, mask), 0)
+    assert inputs["position_ids"][1].tolist() == [1, 1, 1, *range(7)]  # generate's rule
+    with torch.no_grad():
+        padded = model(**inputs).logits[1, 3:]
+        alone = model(ids[1:, 3:]).logits[0]
+    torch.testing.assert_close(padded, alone, atol=1e-4, rtol=1e-4)
+    # the positions matter where they are absolute: counted from the padding, OPT's logits differ
+    if arch == "opt":
+        with torch.no_grad():
+            shifted = model(ids[1:], attention_mask=mask[1:], position_ids=torch.arange(10)[None]).logits[
+                0, 3:
+            ]
+        assert not torch.allclose(shifted, alone, atol=1e-2)
 
 
 def test_batch_of_one_keeps_its_statistics_and_a_full_mask_changes_nothing():
