@@ -184,6 +184,19 @@ def test_batched_sampling_is_reproducible_and_in_vocabulary():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (3, ids.shape[1] + NEW) and torch.equal(a[:, : ids.shape[1]], ids)
     assert ((a >= 0) & (a < model.config.vocab_size)).all()
+    # with end tokens: a row is padded after its first one, and the output stops once all have ended
+    ends, padded = list(range(5, 128, 9)), 0
+    for seed in range(4):
+        out = speculative_generate(
+            model, ids, NEW, 3, attention_mask=mask, do_sample=True, temperature=1.5,
+            generator=torch.Generator().manual_seed(seed), eos_token_id=ends, pad_token_id=0, draft=draft,
+        ).sequences[:, ids.shape[1] :].tolist()  # fmt: skip
+        first = [next((j for j, t in enumerate(row) if t in ends), None) for row in out]
+        for row, j in zip(out, first, strict=True):
+            assert j is None or all(t == 0 for t in row[j + 1 :])
+            padded += j is not None and j + 1 < len(row)
+        assert len(out[0]) == NEW or (None not in first and len(out[0]) == max(first) + 1)
+    assert padded > 0, "no row ended before the others: the end-of-sequence path is not exercised"
 
 
 ROWS, CALLS = 50, 40
