@@ -4,7 +4,14 @@ For each setting below, one run measures, interleaved with plain ``model.generat
 (A B A B ... after a warm-up of each, the same prompt, thread count and dtype, as
 benchmarks/README.md asks): tokens/s of ``speculative_generate`` over tokens/s of ``generate``
 (median and min-max of the per-pair ratios), the acceptance rate and tokens per full-model forward.
-Every speculative output is checked to be the very tokens ``generate`` produced.
+Every speculative output is compared with the tokens ``generate`` produced; a difference is
+printed for its point and makes the run exit 1.
+
+``--batch 1,2,4`` repeats every point for each batch size: ``generate`` and
+``speculative_generate`` then decode the same batch of equal-length prompts (different random
+tokens per row), and the ratio is that of their batch tokens/s. A batch keeps, each round, the
+smallest accepted prefix over its rows; the line of a batch point also gives the mean accepted
+prefix per row before that minimum (``stats.mean_row_prefix``) and after it.
 
 Settings (random weights, nothing trained; embeddings of unit scale so that the residual stream has
 a trained model's magnitude, a larger head so that argmax margins are far above rounding):
@@ -28,6 +35,8 @@ random weights say how the speed follows the acceptance, not what a trained mode
 
     python benchmarks/bench_speculative.py                       # all settings, 12-20 minutes
     python benchmarks/bench_speculative.py --settings grown3x --draft-lens 4 --pairs 5
+    python benchmarks/bench_speculative.py --settings grown3x,tinyllama --draft-lens 8 \
+        --other-draft-lens 8 --batch 1,2,4                  # 5-7 minutes
 """
 
 from __future__ import annotations
@@ -130,6 +139,7 @@ def timed(fn: Callable[[], object], device: str = "cpu") -> tuple[float, object]
 def cost_line(model: torch.nn.Module, draft: object, prompt: torch.Tensor, a: Args, reps: int = 5) -> str:
     """Median ms of one forward of the full model over 1, 5 and 9 new tokens, and of the draft over 1,
     after the prompt is cached: what a round costs (k draft forwards + one verify of k + 1 tokens)."""
+    b = prompt.shape[0]
     caches = {"full": (model, DynamicCache(config=model.config)), "draft": (draft.model, draft.new_cache())}
     for m, cache in caches.values():
         m(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -138,7 +148,7 @@ def cost_line(model: torch.nn.Module, draft: object, prompt: torch.Tensor, a: Ar
     for _ in range(reps):  # interleaved, like the pairs
         for who, q in points:
             m, cache = caches[who]
-            x = torch.randint(3, a.vocab, (1, q), device=a.device)
+            x = torch.randint(3, a.vocab, (b, q), device=a.device)
             dt, _ = timed(
                 lambda m=m, x=x, c=cache, q=q: m(
                     input_ids=x, past_key_values=c, use_cache=True, logits_to_keep=q
@@ -157,9 +167,14 @@ def cost_line(model: torch.nn.Module, draft: object, prompt: torch.Tensor, a: Ar
     )
 
 
-def measure(model: torch.nn.Module, name: str, draft_lens: list[int], a: Args) -> dict[int, dict]:
-    """Interleaved pairs (generate, speculative k) for every k; prints one line per k."""
-    prompt = torch.randint(3, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0)).to(a.device)
+def measure(
+    model: torch.nn.Module, name: str, draft_lens: list[int], a: Args, batch: int = 1
+) -> dict[int, dict]:
+    """Interleaved pairs (generate, speculative k) for every k on a batch of `batch` prompts; prints
+    one line per k. Each result: median / min / max ratio, the last run's stats, and whether every
+    speculative output equalled generate's (``identical``)."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, a.vocab, (batch, a.prompt), generator=gen).to(a.device)
     draft = make_draft(model)
 
     def plain() -> torch.Tensor:
@@ -175,24 +190,33 @@ def measure(model: torch.nn.Module, name: str, draft_lens: list[int], a: Args) -
         spec(k)
     results = {}
     n_slots, n_draft = model.plan.num_slots, len(draft.slots)
-    print(f"{name:10s} {cost_line(model, draft, prompt, a)}", flush=True)
+    print(f"{name:10s} batch {batch} {cost_line(model, draft, prompt, a)}", flush=True)
     for k in draft_lens:
-        ratios, plain_tps, stats = [], [], None
+        ratios, plain_tps, stats, identical = [], [], None, True
         for _ in range(a.pairs):
             t_plain, out_plain = timed(plain, a.device)
             t_spec, out = timed(lambda k=k: spec(k), a.device)
-            if not (torch.equal(out_plain, ref) and torch.equal(out.sequences, ref)):
-                raise SystemExit(f"{name} draft_len={k}: speculative tokens differ from generate's")
+            identical &= torch.equal(out_plain, ref) and torch.equal(out.sequences, ref)
             ratios.append(t_plain / t_spec)
-            plain_tps.append(a.new_tokens / t_plain)
+            plain_tps.append(batch * a.new_tokens / t_plain)
             stats = out.stats
         med = statistics.median(ratios)
-        results[k] = {"median": med, "min": min(ratios), "max": max(ratios), "stats": stats}
+        results[k] = {
+            "median": med,
+            "min": min(ratios),
+            "max": max(ratios),
+            "stats": stats,
+            "identical": identical,
+        }
         acc = "   -  " if k == 0 else f"{stats.acceptance_rate:6.3f}"
+        prefix = "" if k == 0 or batch == 1 else (
+            f"  prefix/row {stats.mean_row_prefix:4.2f} -> kept {stats.mean_accepted_prefix:4.2f}"
+        )  # fmt: skip
         print(
-            f"{name:10s} slots {n_slots:2d} draft {n_draft:2d}  k={k}  speed-up {med:5.2f}x "
-            f"(range {min(ratios):.2f}-{max(ratios):.2f}, {a.pairs} pairs)  acceptance {acc}  "
-            f"tokens/verify {stats.tokens_per_round:5.2f}  plain {statistics.median(plain_tps):5.1f} tok/s",
+            f"{name:10s} batch {batch} slots {n_slots:2d} draft {n_draft:2d}  k={k}  speed-up {med:5.2f}x "
+            f"(range {min(ratios):.2f}-{max(ratios):.2f}, {a.pairs} pairs)  acceptance {acc}{prefix}  "
+            f"tokens/verify {stats.tokens_per_round:5.2f}  plain {statistics.median(plain_tps):5.1f} tok/s  "
+            f"tokens {'identical' if identical else 'DIFFER from generate'}",
             flush=True,
         )
     return results
@@ -214,13 +238,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 was as fast as 2 here)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes, e.g. 1,2,4")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     settings = args.settings.split(",")
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
-        raise SystemExit(f"--settings: unknown {bad}; allowed: {list(SETTINGS)}")
+        ap.error(f"--settings: unknown {bad}; allowed: {list(SETTINGS)}")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        ap.error(f"--batch {args.batch!r}: a comma list of batch sizes >= 1, e.g. 1,2,4")
     torch.set_num_threads(args.threads)
     a = Args(args.hidden, args.vocab, args.prompt, args.new_tokens, args.pairs, args.rank, args.gamma)
     a.heads, a.kv_heads, a.device, a.dtype = args.heads, args.kv_heads, args.device, args.dtype
@@ -229,35 +260,41 @@ def main() -> None:
     print(
         f"{_where(a.device)} {a.dtype}, {args.threads} thread(s), hidden {a.hidden}, heads {a.heads}/{a.kv_heads}, "
         f"vocab {a.vocab}, prompt {a.prompt}, "
-        f"{a.new_tokens} new tokens, greedy, batch 1, LoRA rank {a.rank}, gamma {a.gamma:g}",
+        f"{a.new_tokens} new tokens, greedy, batch {args.batch}, LoRA rank {a.rank}, gamma {a.gamma:g}",
         flush=True,
     )
-    summary = []
+    runs = []  # (name, plan, blocks, draft lengths)
     if "grown3x" in settings:
-        plan = grown_plan(12, dict.fromkeys(range(12), 2), a, a.gamma)
-        res = measure(build(12, plan, a), "grown3x", sweep, a)
-        summary.append(("grown3x", plan, res))
+        runs.append(("grown3x", grown_plan(12, dict.fromkeys(range(12), 2), a, a.gamma), 12, sweep))
     if "tinyllama" in settings:
-        plan = grown_plan(22, dict.fromkeys(range(4, 18), 1), a, a.gamma)
-        summary.append(("tinyllama", plan, measure(build(22, plan, a), "tinyllama", others, a)))
+        runs.append(("tinyllama", grown_plan(22, dict.fromkeys(range(4, 18), 1), a, a.gamma), 22, others))
     if "pruned30" in settings:
-        plan = pruned_plan(22, range(13, 20), a)
-        summary.append(("pruned30", plan, measure(build(22, plan, a), "pruned30", others, a)))
+        runs.append(("pruned30", pruned_plan(22, range(13, 20), a), 22, others))
     if "gamma" in settings:
         for g in gammas:
-            plan = grown_plan(12, dict.fromkeys(range(12), 2), a, g)
-            name = f"gamma={g:g}"
-            summary.append((name, plan, measure(build(12, plan, a), name, others, a)))
-    print("\nsummary (best draft length of each setting):")
-    for name, plan, res in summary:
-        k, r = max(((k, r) for k, r in res.items() if k > 0), key=lambda kr: kr[1]["median"])
+            runs.append((f"gamma={g:g}", grown_plan(12, dict.fromkeys(range(12), 2), a, g), 12, others))
+    summary = []
+    for name, plan, blocks, lens in runs:
+        model = build(blocks, plan, a)
+        for b in batches:
+            summary.append((name, b, plan, measure(model, name, lens, a, batch=b)))
+    print("\nsummary (best draft length of each setting and batch size):")
+    differ = []
+    for name, b, plan, res in summary:
+        differ += [f"{name} batch {b} draft_len {k}" for k, r in res.items() if not r["identical"]]
+        best = [(k, r) for k, r in res.items() if k > 0]
+        if not best:
+            continue
+        k, r = max(best, key=lambda kr: kr[1]["median"])
         print(
-            f"  {name:12s} speculative/plain greedy tokens/s: median {r['median']:.2f} "
+            f"  {name:12s} batch {b}: speculative/plain greedy tokens/s: median {r['median']:.2f} "
             f"(range {r['min']:.2f}-{r['max']:.2f}, {a.pairs} pairs, {plan.num_slots} slots over "
             f"{len(plan.physical_blocks)} blocks, draft {len(draft_slots(plan))} slots, draft_len {k}, "
-            f"acceptance {r['stats'].acceptance_rate:.3f})"
+            f"acceptance {r['stats'].acceptance_rate:.3f}, tokens {'identical' if r['identical'] else 'DIFFER'})"
             + (f"; {r['median'] / res[0]['median']:.2f}x over draft_len 0" if 0 in res else "")
         )
+    if differ:
+        raise SystemExit(f"speculative tokens differ from generate's: {', '.join(differ)}")
 
 
 def _where(device: str) -> str:

@@ -35,7 +35,14 @@ than that machinery, keeps both caches right by cropping them to the accepted le
 round (sliding-window layers record their past so that a rejected tail can be rolled back), and
 reports acceptance statistics.
 
-Batch size 1 only: in a batch, rows accept different numbers of tokens, which needs ragged caches.
+Batches (b >= 1 rows, left-padded prompts with their ``attention_mask``, as ``generate`` takes
+them) run through the same loop with rectangular caches: every row drafts ``draft_len`` tokens,
+the full model verifies all rows in one forward, and every row keeps m + 1 tokens, m being the
+smallest accepted prefix over the rows still running; both caches are cropped by the same amount
+for all rows. ``shared/speculative_batch.py`` holds the per-row bookkeeping and argues why the
+cut keeps greedy and sampled tokens exact. Rows that end keep running on pad tokens, as in
+``generate``.
+
 Greedy equality with ``model.generate`` holds up to floating point: the full model scores several
 tokens in one forward, whose sums may round differently from one-token steps; an argmax flips only
 where two logits tie to within that rounding.
@@ -62,6 +69,7 @@ from flexigpt.shared.engine.apply import SOURCE_CLASSES, stack_config
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.parts import skeleton
 from flexigpt.shared.engine.plan import Plan
+from flexigpt.shared.speculative_batch import accept, check_attention_mask, finish_rows, forward_inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,23 +194,46 @@ class SpeculativeStats:
     """Tokens drafted per round (fewer in the last rounds, when fewer are left to generate)."""
     draft_slots: tuple[int, ...] = ()
     """Slots the draft ran."""
+    batch_size: int = 1
+    """Rows decoded together."""
     rounds: int = 0
-    """Verify calls: forwards of the full model."""
+    """Verify calls: forwards of the full model (one for all rows)."""
     draft_calls: int = 0
-    """Forwards of the draft."""
+    """Forwards of the draft (one for all rows)."""
     proposed: int = 0
-    """Draft tokens the full model checked."""
+    """Draft tokens the full model checked, summed over the rows running in each round."""
     accepted: int = 0
-    """Draft tokens the full model kept."""
+    """Draft tokens kept, summed over the rows running in each round (m per row per round)."""
+    row_accepted: int = 0
+    """Draft tokens each running row would have kept on its own (its accepted prefix before the
+    batch's minimum), summed like ``accepted``; equal to it at batch size 1."""
+    row_rounds: int = 0
+    """(row, round) pairs in which the row was running (``rounds`` at batch size 1)."""
     new_tokens: int = 0
-    """Tokens generated (after an end-of-sequence token nothing more is generated)."""
+    """Tokens generated per row: columns added to the prompt (after the last row ends, nothing
+    more is generated; a row that ended earlier is padded)."""
     accepted_per_round: list[int] = field(default_factory=list)
-    """Accepted draft tokens of every round."""
+    """Accepted draft tokens of every round (the minimum over running rows)."""
 
     @property
     def acceptance_rate(self) -> float:
-        """accepted / proposed draft tokens (NaN when nothing was drafted)."""
+        """accepted / proposed draft tokens, over all rows (NaN when nothing was drafted)."""
         return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def row_acceptance_rate(self) -> float:
+        """row_accepted / proposed: the acceptance rate had every row kept its own prefix."""
+        return self.row_accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def mean_row_prefix(self) -> float:
+        """Mean accepted prefix of a running row in a round, before the batch's minimum."""
+        return self.row_accepted / self.row_rounds if self.row_rounds else float("nan")
+
+    @property
+    def mean_accepted_prefix(self) -> float:
+        """Mean accepted prefix a running row kept in a round (after the minimum)."""
+        return self.accepted / self.row_rounds if self.row_rounds else float("nan")
 
     @property
     def tokens_per_round(self) -> float:
@@ -215,7 +246,7 @@ class SpeculativeOutput:
     """Tokens and statistics of ``speculative_generate``."""
 
     sequences: torch.LongTensor
-    """Prompt plus generated tokens, shape (1, prompt + new), like ``generate``'s output."""
+    """Prompt plus generated tokens, shape (b, prompt + new), like ``generate``'s output."""
     stats: SpeculativeStats
 
 
@@ -240,9 +271,10 @@ def _check_args(
     top_k: int | None,
     top_p: float | None,
 ) -> None:
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
         raise ValueError(
-            f"input_ids: shape {tuple(input_ids.shape)} is not supported; allowed (1, n>=1) (batch size 1)"
+            f"input_ids: shape {tuple(input_ids.shape)} is not supported; allowed (b>=1, n>=1) "
+            "(a batch of prompts, left-padded with an attention_mask where lengths differ)"
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
@@ -256,12 +288,23 @@ def _check_args(
         raise ValueError(f"top_p={top_p!r}: must be in (0, 1]")
 
 
-def _eos_ids(model: PreTrainedModel, eos_token_id: int | list[int] | None | str) -> set[int]:
+def _eos_ids(model: PreTrainedModel, eos_token_id: int | list[int] | None | str) -> list[int]:
     if eos_token_id == "default":
         eos_token_id = model.generation_config.eos_token_id
     if eos_token_id is None:
-        return set()
-    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def _pad_id(model: PreTrainedModel, pad_token_id: int | None, eos: list[int]) -> int | None:
+    """The token rows emit after their end (generate's rule: the pad token, else the first end token)."""
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.pad_token_id
+    if pad_token_id is None and eos:
+        pad_token_id = eos[0]
+    if pad_token_id is not None and (not isinstance(pad_token_id, int) or pad_token_id < 0):
+        raise ValueError(f"pad_token_id={pad_token_id!r}: must be a token id (an integer >= 0)")
+    return pad_token_id
 
 
 @torch.no_grad()
@@ -271,12 +314,14 @@ def speculative_generate(
     max_new_tokens: int,
     draft_len: int = 4,
     *,
+    attention_mask: torch.Tensor | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     eos_token_id: int | list[int] | None | str = "default",
+    pad_token_id: int | None = None,
     draft: Draft | None = None,
     progress: bool = False,
 ) -> SpeculativeOutput:
@@ -284,16 +329,20 @@ def speculative_generate(
 
     Args:
         model: a shared-block model with a ``.plan`` (or pass a prebuilt `draft`).
-        input_ids: the prompt, shape (1, n): batch size 1 only.
-        max_new_tokens: tokens to generate (fewer if an end-of-sequence token comes first).
+        input_ids: the prompts, shape (b, n); prompts of different lengths left-padded.
+        max_new_tokens: tokens to generate (fewer if every row ends first).
         draft_len: draft tokens per round; 0 runs plain decoding through the same loop.
+        attention_mask: (b, n), 0 on left padding and 1 on tokens (as ``generate`` takes it);
+            None: no padding. Right padding is refused.
         do_sample: sample (speculative-sampling acceptance rule) instead of greedy decoding.
         temperature: sampling temperature (as ``generate``'s).
         top_k: keep the k most likely tokens (None or 0: off), applied to draft and full model alike.
         top_p: nucleus sampling threshold (None or 1.0: off).
         generator: random generator for sampling (the draft's and the acceptance draws).
-        eos_token_id: stop after this token (or any of a list); "default" reads
+        eos_token_id: a row ends after this token (or any of a list); "default" reads
             ``model.generation_config``; None never stops early.
+        pad_token_id: what a row emits after its end while others run (default
+            ``generation_config.pad_token_id``, else the first end-of-sequence id).
         draft: a draft built by ``make_draft(model)``, to reuse it across calls.
         progress: show a tqdm bar of generated tokens.
 
@@ -305,46 +354,50 @@ def speculative_generate(
             built for another model.
     """
     _check_args(input_ids, max_new_tokens, draft_len, temperature, top_k, top_p)
+    mask = check_attention_mask(input_ids, attention_mask)
     draft = draft if draft is not None else make_draft(model)
     head = get_layout(model.config).top_modules[0]
     if draft.model.get_submodule(head) is not model.get_submodule(head):
         raise ValueError("draft: it was built for another model; pass make_draft(model) of this model")
     warp = _warpers(temperature, top_k, top_p) if do_sample else None
-    eos = _eos_ids(model, eos_token_id)
-    stats = SpeculativeStats(draft_len=draft_len, draft_slots=draft.slots)
+    eos_list = _eos_ids(model, eos_token_id)
+    pad = _pad_id(model, pad_token_id, eos_list)
+    eos = torch.tensor(eos_list, device=input_ids.device) if eos_list else None
+    stats = SpeculativeStats(draft_len=draft_len, draft_slots=draft.slots, batch_size=input_ids.shape[0])
     full_cache, draft_cache = DynamicCache(config=model.config), draft.new_cache()
     # Sliding-window layers forget tokens beyond the window; recording lets crop() roll them back.
     full_cache.activate_past_recording()
     draft_cache.activate_past_recording()
     seq = input_ids
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     bar = tqdm(total=max_new_tokens, desc="speculative decoding", unit="tok", disable=not progress)
     while stats.new_tokens < max_new_tokens:
         # k drafted tokens can yield k + 1 new ones: never draft more than is left to generate.
         k = min(draft_len, max_new_tokens - stats.new_tokens - 1)
-        drafted, q_probs = _draft_tokens(draft, draft_cache, seq, k, warp, generator, stats)
+        drafted, q_probs = _draft_tokens(draft, draft_cache, seq, mask, k, warp, generator, stats)
         cand = torch.cat([seq, drafted], dim=1)
         logits = model(
-            input_ids=cand[:, full_cache.get_seq_length() :],
+            **forward_inputs(cand, mask, full_cache.get_seq_length()),
             past_key_values=full_cache,
             use_cache=True,
             logits_to_keep=k + 1,
-        ).logits[0]
+        ).logits
         stats.rounds += 1
-        new, m = _accept(logits, drafted[0], q_probs, warp, generator)
-        stats.proposed += k
-        stats.accepted += m
+        new, prefix, m = accept(logits, drafted, q_probs, warp, generator, ~done)
+        running = int((~done).sum())
+        stats.proposed += k * running
+        stats.accepted += m * running
+        stats.row_accepted += int(prefix.sum())
+        stats.row_rounds += running
         stats.accepted_per_round.append(m)
         # Both caches keep exactly the accepted tokens; the last new token is fed next round.
         _crop(full_cache, k - m)
         _crop(draft_cache, max(0, k - 1 - m))
-        new = new[: max_new_tokens - stats.new_tokens]
-        hit = [i for i, t in enumerate(new.tolist()) if t in eos]
-        if hit:
-            new = new[: hit[0] + 1]
-        seq = torch.cat([seq, new.view(1, -1)], dim=1)
-        stats.new_tokens += new.numel()
-        bar.update(new.numel())
-        if hit:
+        new, done = finish_rows(new[:, : max_new_tokens - stats.new_tokens], done, eos, pad)
+        seq = torch.cat([seq, new], dim=1)
+        stats.new_tokens += new.shape[1]
+        bar.update(new.shape[1])
+        if bool(done.all()):
             break
     bar.close()
     return SpeculativeOutput(seq, stats)
@@ -363,60 +416,27 @@ def _draft_tokens(
     draft: Draft,
     cache: SlotCache,
     seq: torch.Tensor,
+    mask: torch.Tensor | None,
     k: int,
     warp: LogitsProcessorList | None,
     generator: torch.Generator | None,
     stats: SpeculativeStats,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """k draft tokens (1, k) and, when sampling, their draft distributions (k, vocab)."""
+    """k draft tokens (b, k) and, when sampling, their draft distributions (b, k, vocab)."""
     tokens, probs = [], []
-    x = seq[:, cache.get_seq_length() :]  # tokens the draft has not seen (>= 1)
+    ids = seq
     for _ in range(k):
-        logits = draft.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[
-            :, -1
-        ]
+        # the tokens the draft has not seen (>= 1), with the mask and positions over all of them
+        inputs = forward_inputs(ids, mask, cache.get_seq_length())
+        logits = draft.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         stats.draft_calls += 1
         if warp is None:
             tok = logits.argmax(dim=-1)
         else:
             p = torch.softmax(warp(seq, logits.float()), dim=-1)
             tok = torch.multinomial(p, 1, generator=generator)[:, 0]
-            probs.append(p[0])
+            probs.append(p)
         tokens.append(tok)
-        x = tok.view(1, 1)
-    drafted = torch.stack(tokens, dim=1) if tokens else seq.new_empty((1, 0))
-    return drafted, (torch.stack(probs) if probs else None)
-
-
-def _accept(
-    logits: torch.Tensor,
-    drafted: torch.Tensor,
-    q_probs: torch.Tensor | None,
-    warp: LogitsProcessorList | None,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, int]:
-    """The new tokens of a round and how many draft tokens were accepted.
-
-    `logits` (k + 1, vocab) are the full model's at the positions that predict each draft token and
-    the one after the last. Greedy: keep the drafts that equal the full model's argmax, then its
-    argmax. Sampling: keep draft x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first
-    rejection draw from normalise(max(0, p_i - q_i)); if all are kept, draw from p_{k+1}.
-    """
-    k = drafted.numel()
-    if warp is None:
-        target = logits.argmax(dim=-1)
-        agree = (target[:k] == drafted).int()
-        m = int(agree.cumprod(0).sum())
-        return torch.cat([drafted[:m], target[m : m + 1]]), m
-    p = torch.softmax(warp(drafted.view(1, -1), logits.float()), dim=-1)
-    for i in range(k):
-        x = drafted[i]
-        ratio = p[i, x] / q_probs[i, x]
-        if torch.rand((), generator=generator, device=ratio.device) >= ratio:
-            residual = (p[i] - q_probs[i]).clamp_min(0)
-            # p == q makes the ratio 1 and rejection impossible; the fallback only guards rounding.
-            residual = residual if residual.sum() > 0 else p[i]
-            tok = torch.multinomial(residual / residual.sum(), 1, generator=generator)
-            return torch.cat([drafted[:i], tok]), i
-    tok = torch.multinomial(p[k], 1, generator=generator)
-    return torch.cat([drafted, tok]), k
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+    drafted = torch.stack(tokens, dim=1) if tokens else seq.new_empty((seq.shape[0], 0))
+    return drafted, (torch.stack(probs, dim=1) if probs else None)

@@ -42,7 +42,11 @@ def test_tiny_run_writes_every_figure_with_its_setting(tmp_path: Path) -> None:
     figures = {f["name"]: f for f in data["figures"]}
     want = [f"{m} {what}" for m in TRAINED for what in ("tokens/s", "MFU", "peak memory")]
     want += [f"{n} (hidden 64)" for n in ENGINE]
-    want += [f"{s} {what}" for s in SPECULATIVE for what in ("speed-up over generate", "peak memory")]
+    want += [
+        f"{s} {what}"
+        for s in SPECULATIVE
+        for what in ("speed-up over generate", "speed-up over generate, batch 4", "peak memory")
+    ]
     want += [f"ZeRO-{s} largest micro batch that trains" for s in (2, 3)]
     assert sorted(want) == sorted(figures), sorted(set(want) ^ set(figures))
     for name, f in figures.items():
@@ -57,8 +61,12 @@ def test_tiny_run_writes_every_figure_with_its_setting(tmp_path: Path) -> None:
         assert s["seq_len"] == 32 and s["micro_batch"] == 2 and s["flops_per_token"] > 0
     assert figures[f"{TRAINED[0]} tokens/s"]["setting"]["trainable"] == "adapters+norms"
     assert figures["ZeRO-3 largest micro batch that trains"]["setting"]["stopped"] == "ladder done"
-    # speculative decoding is batch 1 only: said, not left out silently
-    assert {s["what"] for s in data["skipped"]} == {f"{s} batch > 1" for s in SPECULATIVE}
+    for s in SPECULATIVE:
+        for batch, suffix in ((1, ""), (4, ", batch 4")):
+            setting = figures[f"{s} speed-up over generate{suffix}"]["setting"]
+            assert setting["batch"] == batch and setting["tokens_identical_to_generate"] is True
+            assert setting["mean_row_prefix"] >= setting["mean_accepted_prefix"] >= 0
+    assert data["skipped"] == []  # the budget fits every part, batch 4 included
 
 
 def _load_script():  # noqa: ANN202 - the script is no package: load it by its path, in this process

@@ -173,8 +173,8 @@ def test_materialised_model_with_its_plan():
 
 def test_bad_arguments_name_what_is_allowed():
     model = apply_plan(tiny_model("llama2"), grown_plan("llama"))
-    with pytest.raises(ValueError, match="batch size 1"):
-        speculative_generate(model, PROMPT.repeat(2, 1), 4)
+    with pytest.raises(ValueError, match="input_ids"):
+        speculative_generate(model, PROMPT[0], 4)
     with pytest.raises(ValueError, match="draft_len"):
         speculative_generate(model, PROMPT, 4, -1)
     with pytest.raises(ValueError, match="temperature"):
