@@ -32,7 +32,11 @@ NORM_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "flexigpt_calibrated": ("prune-calibrated", {"out_norm": True, "gamma": "calibrate"}),
     "flexigpt_late_norm": ("prune-late-norm", {"out_norm": True, "gamma": "measured", "norm_after": LATE}),
 }
-METHODS: tuple[str, ...] = (*VARIANTS, *NORM_METHODS, *BASELINE_METHODS)
+# Methods another command of the toolkit builds, each into output_dir/<method>/ as a baseline is
+# (initial/ and method.json, then the same recovery): name -> the module whose build(recipe, n, config,
+# log) does it. They run only when compare.methods names them.
+COMMAND_METHODS: dict[str, str] = {}
+METHODS: tuple[str, ...] = (*VARIANTS, *NORM_METHODS, *BASELINE_METHODS, *COMMAND_METHODS)
 
 
 class BaselineOptions(Section):
@@ -78,8 +82,9 @@ class CompareSection(Section):
     """Which methods to compare, at which ratio, and how they are judged."""
 
     methods: list[str] = Field(
-        default_factory=lambda: list(METHODS),
-        description=f"Methods to build and compare, any of {list(METHODS)}.",
+        default_factory=lambda: [m for m in METHODS if m not in COMMAND_METHODS],
+        description=f"Methods to build and compare, any of {list(METHODS)} (default: all but "
+        f"{list(COMMAND_METHODS)}, which need settings of their own).",
     )
     ratio: float = Field(0.3, gt=0, lt=1, description="Fraction of the blocks every method removes.")
     ratio_rule: Literal["round", "paper_params"] = Field(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
 import json
 import platform
 import shutil
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from flexigpt.prune.compare.card import Card, measure_speed, param_counts, write_card, zeroshot_scores
-from flexigpt.prune.compare.recipe import LATE, NORM_METHODS, CompareRecipe
+from flexigpt.prune.compare.recipe import COMMAND_METHODS, LATE, NORM_METHODS, CompareRecipe
 from flexigpt.prune.depth.baselines import BASELINES, get_baseline
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.recipe import VARIANTS, PruneRecipe
@@ -181,14 +182,22 @@ def build_baselines(recipe: CompareRecipe, pr: PruneRecipe, n: int, log: Callabl
     source.free()
 
 
+def build_command_methods(recipe: CompareRecipe, n: int, config: Any, log: Callable) -> None:
+    """Build every method another command makes (``COMMAND_METHODS``) that has no ``method.json`` yet."""
+    out = Path(recipe.output_dir)
+    for name in recipe.compare.methods:
+        if name in COMMAND_METHODS and not (out / name / "method.json").is_file():
+            importlib.import_module(COMMAND_METHODS[name]).build(recipe, n, config, log)
+
+
 def train_baselines(recipe: CompareRecipe, log: Callable) -> None:
-    """Recovery of every baseline with the recipe's ``train:`` budget (resumed by the trainer)."""
+    """Recovery of every baseline (and command-built method) with the recipe's ``train:`` budget."""
     from flexigpt.shared.train.components import init_distributed
     from flexigpt.shared.train.trainer import train
 
     init_distributed(recipe.train.cpu_shm_comm)
     out = Path(recipe.output_dir)
-    for name in [m for m in recipe.compare.methods if m in BASELINES]:
+    for name in [m for m in recipe.compare.methods if m in BASELINES or m in COMMAND_METHODS]:
         vdir = out / name
         info = json.loads((vdir / "method.json").read_text())
         overrides = {"trainable": "all", **info["train"], **_lr(recipe, name)}
@@ -403,6 +412,7 @@ def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
         if c.recovery == "equal":
             train_family(recipe, family, option, log)
     build_baselines(recipe, pr, n, log)
+    build_command_methods(recipe, n, config, log)
     if c.recovery == "equal":
         train_baselines(recipe, log)
     tokenizer = load_command_tokenizer(recipe.model, PruneError)
