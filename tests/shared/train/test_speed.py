@@ -1,0 +1,130 @@
+"""The trainer's speed options on CPU (gloo): fused AdamW under ZeRO-1/2/3 steps like the foreach
+implementation, and the refused combinations of ``train.compile`` and ``train.optimizer_impl``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexigpt.shared.recipe import RecipeError, recipe_from_dict
+from flexigpt.shared.train.export import consolidated_state_dict
+from flexigpt.shared.train.trainer import train
+
+from .trainkit import recipe_dict, workspace
+
+pytestmark = pytest.mark.deepspeed
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return workspace(tmp_path_factory.mktemp("ws"))
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_launcher_env():
+    before = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    assert {k: os.environ.get(k) for k in DIST_ENV} == before
+
+
+def _losses(tb: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(tb)).Reload().Scalars("train/loss")]
+
+
+def _train(ws: dict[str, Path], out: Path, **kw) -> dict[str, torch.Tensor]:
+    base = {"trainable": "all", "lr": 3e-3, "max_steps": 4, "log_every": 1, "checkpoint_every": 4}
+    d = recipe_dict(ws, out, **{**base, **kw})
+    result = train(recipe_from_dict(d))
+    assert result.step == 4
+    return consolidated_state_dict(result.checkpoint)
+
+
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_fused_adamw_steps_like_foreach_under_zero(
+    stage: str, ws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # count the calls of PyTorch's fused AdamW kernel (AdamW looks it up on `torch` at each step)
+    calls = []
+    kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    cfg = f"ds_configs/zero{stage}.json"
+    runs, fused_calls = {}, {}
+    for impl in ("foreach", "fused"):
+        before = len(calls)
+        weights = _train(ws, tmp_path / impl, ds_config=cfg, optimizer_impl=impl)
+        runs[impl] = (_losses(tmp_path / impl / "tb"), weights)
+        fused_calls[impl] = len(calls) - before
+    # one call per parameter group and step (decay and no-decay groups, 4 steps)
+    assert fused_calls == {"foreach": 0, "fused": 8}, fused_calls
+    (loss_a, w_a), (loss_b, w_b) = runs["foreach"], runs["fused"]
+    assert len(loss_a) == 4 and loss_a == pytest.approx(loss_b, rel=1e-5, abs=0), (loss_a, loss_b)
+    assert sorted(w_a) == sorted(w_b)
+    for k in w_a:
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_optimizer_impl_picks_the_implementation() -> None:
+    from flexigpt.shared.train.speed import adamw_kwargs
+
+    assert adamw_kwargs("auto", torch.device("cuda", 0)) == {"fused": True}
+    assert adamw_kwargs("auto", torch.device("cpu")) == {}
+    assert adamw_kwargs("fused", torch.device("cpu")) == {"fused": True}
+    assert adamw_kwargs("foreach", torch.device("cuda", 0)) == {"foreach": True}
+
+
+@pytest.mark.parametrize(
+    ("train_kw", "match"),
+    [
+        ({"ds_config": "ds_configs/zero3.json"}, "train.compile=true with ZeRO-3"),
+        ({"gradient_checkpointing": True}, "train.gradient_checkpointing=true"),
+        ({"shared_grad_in_gemm": True}, "train.shared_grad_in_gemm=true"),
+    ],
+)
+def test_compile_refuses_what_it_cannot_compile(train_kw, match: str, ws, tmp_path: Path) -> None:
+    recipe = recipe_from_dict(recipe_dict(ws, tmp_path, compile=True, **train_kw))
+    with pytest.raises(RecipeError, match=match):
+        train(recipe)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_speed_keys_name_the_key(ws, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="optimizer_impl") as e:
+        recipe_from_dict(recipe_dict(ws, tmp_path, optimizer_impl="apex"))
+    assert "fused" in str(e.value)
+    with pytest.raises(Exception, match="compile"):
+        recipe_from_dict(recipe_dict(ws, tmp_path, compile="fast"))
+
+
+@pytest.mark.slow
+def test_compiled_slots_train_like_eager_and_checkpoint_the_same_names(ws, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    eager = _train(ws, tmp_path / "eager", checkpoint_every=2)
+    # the compiled run stops at step 2 and resumes from its checkpoint (the compiled model loads it)
+    kw = {"compile": True, "checkpoint_every": 2, "export": "compact"}
+    d = recipe_dict(ws, tmp_path / "compiled", trainable="all", lr=3e-3, max_steps=4, log_every=1, **kw)
+    counters.clear()
+    first = train(recipe_from_dict({**d, "train": {**d["train"], "stop_at_step": 2}}))
+    assert first.step == 2
+    result = train(recipe_from_dict(d))
+    assert result.step == 4
+    # the slots did compile, whole: a plain slot and a reusing slot are distinct structures, and
+    # evaluation-free training needs no more than a few graphs for them
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(
+        counters["graph_break"]
+    )
+    compiled = consolidated_state_dict(result.checkpoint)
+    assert list(compiled) == list(eager)  # no `_orig_mod.` or other wrapper names
+    loss_e, loss_c = _losses(tmp_path / "eager" / "tb"), _losses(tmp_path / "compiled" / "tb")
+    assert len(loss_c) == 4 and loss_c == pytest.approx(loss_e, rel=1e-4, abs=0), (loss_e, loss_c)
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    final = AutoModelForCausalLM.from_pretrained(result.exported[0])
+    assert final.plan.num_slots == 6
