@@ -278,7 +278,8 @@ class TrainSection(Section):
     compile: bool = Field(
         False,
         description="torch.compile each decoder slot (regional compilation, before DeepSpeed wraps the "
-        "model); state-dict names stay those of the eager model. Not with ZeRO-3; docs/training.md.",
+        "model); state-dict names stay those of the eager model. Refused with ZeRO-3, gradient_checkpointing "
+        "or shared_grad_in_gemm; docs/training.md, 'Speed options'.",
     )
     seed: int = Field(0, description="Seed of torch / numpy / random on every rank (offset by rank).")
     log_every: int = Field(10, ge=1, description="Steps between TensorBoard scalars.")

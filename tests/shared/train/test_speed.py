@@ -69,6 +69,23 @@ def test_fused_adamw_steps_like_foreach_under_zero(
         torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_a_foreach_checkpoint_resumes_with_fused_adamw(ws, tmp_path: Path) -> None:
+    # optimizer_impl changes kernels, not the optimizer state: a run may switch it when it resumes
+    whole = _train(ws, tmp_path / "whole", checkpoint_every=2, optimizer_impl="foreach")
+    d = recipe_dict(
+        ws, tmp_path / "split", trainable="all", lr=3e-3, max_steps=4, log_every=1, checkpoint_every=2
+    )
+    first = train(
+        recipe_from_dict({**d, "train": {**d["train"], "stop_at_step": 2, "optimizer_impl": "foreach"}})
+    )
+    assert first.step == 2
+    second = train(recipe_from_dict({**d, "train": {**d["train"], "optimizer_impl": "fused"}}))
+    assert second.step == 4
+    split = consolidated_state_dict(second.checkpoint)
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_optimizer_impl_picks_the_implementation() -> None:
     from flexigpt.shared.train.speed import adamw_kwargs
 
