@@ -1,5 +1,6 @@
 """The trainer's speed options on CPU (gloo): fused AdamW under ZeRO-1/2/3 steps like the foreach
-implementation, and the refused combinations of ``train.compile`` and ``train.optimizer_impl``."""
+implementation and resumes its checkpoints; compiled slots train like eager ones (slow). The
+refused values and combinations are in test_train_bad_input.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexigpt.shared.recipe import RecipeError, recipe_from_dict
+from flexigpt.shared.recipe import recipe_from_dict
 from flexigpt.shared.train.export import consolidated_state_dict
 from flexigpt.shared.train.trainer import train
 
@@ -93,29 +94,6 @@ def test_optimizer_impl_picks_the_implementation() -> None:
     assert adamw_kwargs("auto", torch.device("cpu")) == {}
     assert adamw_kwargs("fused", torch.device("cpu")) == {"fused": True}
     assert adamw_kwargs("foreach", torch.device("cuda", 0)) == {"foreach": True}
-
-
-@pytest.mark.parametrize(
-    ("train_kw", "match"),
-    [
-        ({"ds_config": "ds_configs/zero3.json"}, "train.compile=true with ZeRO-3"),
-        ({"gradient_checkpointing": True}, "train.gradient_checkpointing=true"),
-        ({"shared_grad_in_gemm": True}, "train.shared_grad_in_gemm=true"),
-    ],
-)
-def test_compile_refuses_what_it_cannot_compile(train_kw, match: str, ws, tmp_path: Path) -> None:
-    recipe = recipe_from_dict(recipe_dict(ws, tmp_path, compile=True, **train_kw))
-    with pytest.raises(RecipeError, match=match):
-        train(recipe)
-    assert not (tmp_path / "checkpoints").exists()
-
-
-def test_bad_speed_keys_name_the_key(ws, tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="optimizer_impl") as e:
-        recipe_from_dict(recipe_dict(ws, tmp_path, optimizer_impl="apex"))
-    assert "fused" in str(e.value)
-    with pytest.raises(Exception, match="compile"):
-        recipe_from_dict(recipe_dict(ws, tmp_path, compile="fast"))
 
 
 @pytest.mark.slow
