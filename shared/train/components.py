@@ -315,7 +315,6 @@ def build_optimizer(
     Raises:
         RecipeError: PyTorch refuses the chosen implementation for these parameters.
     """
-
     decay, no_decay = [], []
     for p in model.parameters():  # each shared Parameter once
         if p.requires_grad:
