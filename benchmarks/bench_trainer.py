@@ -8,7 +8,13 @@ backward / step per micro-batch plus the per-step collective); side B is a hand-
 Chunks of steps alternate A B A B after a warm-up; the figure is the median ratio of tokens/s.
 Both sides must reach the same losses (checked).
 
-    python benchmarks/bench_trainer.py [--stage 2] [--trainable all] [--pairs 7] [--steps 6]
+``--options`` times the trainer's step against itself instead: its default (``optimizer_impl:
+auto``, eager) against ``optimizer_impl: fused``, ``compile: true`` and both, each a DeepSpeed
+engine over its own copy of the model on the same batches, in rounds that rotate their order after
+a warm-up (which includes compilation). The figures are the median ratios of tokens/s to the
+default's in the same round; every variant must reach the default's losses (checked).
+
+    python benchmarks/bench_trainer.py [--stage 2] [--trainable all] [--pairs 7] [--steps 6] [--options]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -69,6 +76,11 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per timed chunk")
+    ap.add_argument(
+        "--options",
+        action="store_true",
+        help="time train.optimizer_impl=fused and train.compile=true against the trainer's default",
+    )
     args = ap.parse_args()
     if not WIKI.is_dir():
         print(f"skipped: WikiText-2 not found at {WIKI}")
@@ -91,6 +103,7 @@ def main() -> None:
     )
     from flexigpt.shared.train.data import PackedLoader
     from flexigpt.shared.train.ds_config import build_ds_config, load_ds_config
+    from flexigpt.shared.train.speed import prepare_model
     from flexigpt.shared.train.trainer import _Loop
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
@@ -122,16 +135,27 @@ def main() -> None:
     n_train = set_trainable(model, args.trainable)
     plain = copy.deepcopy(model).train()  # deepcopy keeps the sharing (same Parameter in both slots)
     cfg = build_ds_config(load_ds_config(t.ds_config), t, world_size=world, precision="fp32")
-    opt_a = build_optimizer(model, t)
-    with launcher_env():  # DeepSpeed reads LOCAL_RANK while it builds the engine
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=opt_a, lr_scheduler=build_scheduler(opt_a, t, total), config=cfg
-        )
-    loader_a = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=args.micro)
-    loop = _Loop(recipe, engine, loader_a, [], rank=rank, world=world, device=device, plan_json=plan.to_json(), stage=int(args.stage),
-                 total_steps=total, accum=args.accum, global_batch=args.micro * args.accum * world,
-                 flops_per_token=flops_per_token(model, args.seq_len), peak=None, n_trainable=n_train)  # fmt: skip
-    engine.train()
+    fpt = flops_per_token(model, args.seq_len)
+
+    def trainer_loop(m: torch.nn.Module, tv: Any) -> tuple[Any, Any]:
+        """The trainer's step loop over model `m` with train section `tv`, and its data loader."""
+        prepare_model(m, tv, int(args.stage))  # as the trainer: checkpointing, compilation
+        opt = build_optimizer(m, tv, device)
+        with launcher_env():  # DeepSpeed reads LOCAL_RANK while it builds the engine
+            eng, _, _, _ = deepspeed.initialize(
+                model=m, optimizer=opt, lr_scheduler=build_scheduler(opt, tv, total), config=cfg
+            )
+        ld = PackedLoader(recipe.data, tokenizer, rank=rank, world_size=world, micro_batch=args.micro)
+        lp = _Loop(recipe, eng, ld, [], rank=rank, world=world, device=device, plan_json=plan.to_json(), stage=int(args.stage),
+                   total_steps=total, accum=args.accum, global_batch=args.micro * args.accum * world,
+                   flops_per_token=fpt, peak=None, n_trainable=n_train)  # fmt: skip
+        eng.train()
+        return lp, ld
+
+    if args.options:
+        _time_options(args, model, t, trainer_loop, world, n_train)
+        return
+    loop, loader_a = trainer_loop(model, t)
 
     opt_b = build_optimizer(plain, t)
     sched_b = build_scheduler(opt_b, t, total)
@@ -189,6 +213,64 @@ def main() -> None:
           f"plain loop: median {statistics.median(tps_b):,.0f} (range {min(tps_b):,.0f}-{max(tps_b):,.0f})")  # fmt: skip
     print(f"trainer/plain tokens/s: median {statistics.median(ratios):.3f} "
           f"(range {min(ratios):.3f}-{max(ratios):.3f}, {args.pairs} pairs of {args.steps} steps); target >= 0.90")  # fmt: skip
+    sys.stdout.flush()
+
+
+# the trainer's speed options against its default (train.optimizer_impl: auto, eager)
+VARIANTS = {
+    "default": {},
+    "fused": {"optimizer_impl": "fused"},
+    "compile": {"compile": True},
+    "fused+compile": {"optimizer_impl": "fused", "compile": True},
+}
+
+
+def _time_options(args: Any, model: Any, t: Any, trainer_loop: Any, world: int, n_train: int) -> None:
+    """``--options``: the trainer's step with each of ``VARIANTS``, in rotating rounds (ratios to default)."""
+    import torch
+
+    loops, losses = {}, {}
+    for name, kw in VARIANTS.items():
+        # each engine trains its own copy (deepcopy keeps the sharing); the copies start equal
+        loops[name] = trainer_loop(copy.deepcopy(model), t.model_copy(update=kw))
+        losses[name] = []
+
+    def chunk(name: str, n: int) -> float:
+        loop, out = loops[name][0], losses[name]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out.append(float(loop.train_step(len(out) + 1)[0]) / world)
+        return time.perf_counter() - t0
+
+    warm = {name: chunk(name, 3) for name in VARIANTS}  # compilation happens here
+    tokens = args.steps * args.micro * args.accum * args.seq_len * world
+    names = list(VARIANTS)
+    tps: dict[str, list[float]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
+    for i in range(args.pairs):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        took = {name: chunk(name, args.steps) for name in order}
+        for name in names:
+            tps[name].append(tokens / took[name])
+        for name in names[1:]:
+            ratios[name].append(tps[name][-1] / tps["default"][-1])
+    for _, ld in loops.values():
+        ld.close()
+    ref = losses["default"]
+    worst = {n: max(abs(a - b) / abs(b) for a, b in zip(losses[n], ref, strict=True)) for n in names[1:]}
+    assert max(worst.values()) < 1e-3, f"a variant left the default's losses: {worst}"
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} stored parameters ({n_train:,} trainable, rule "
+          f"{args.trainable}), 6 slots over 4 blocks, hidden {args.hidden}, seq {args.seq_len}, micro {args.micro} x "
+          f"accum {args.accum}, fp32, {torch.get_num_threads()} threads, ZeRO-{args.stage}, {len(ref)} steps per variant; "
+          f"torch {torch.__version__}")  # fmt: skip
+    print("warm-up (3 steps, includes compilation): " + ", ".join(f"{n} {s:.1f} s" for n, s in warm.items()))
+    for name in names:
+        med = statistics.median(tps[name])
+        print(f"{name}: tokens/s median {med:,.0f} (range {min(tps[name]):,.0f}-{max(tps[name]):,.0f})")
+    for name in names[1:]:
+        r = ratios[name]
+        print(f"{name}/default tokens/s: median {statistics.median(r):.3f} (range {min(r):.3f}-{max(r):.3f}, "
+              f"{args.pairs} rounds of {args.steps} steps); losses agree to {worst[name]:.1e} (relative)")  # fmt: skip
     sys.stdout.flush()
 
 

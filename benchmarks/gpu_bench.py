@@ -9,7 +9,9 @@ Parts (each time-boxed; what a part could not fit in its box is recorded under `
   are random, with TinyLlama's config built locally. MFU is the trainer's: tokens/s x the FLOPs
   per token of ``flop_count`` (the work done under the run's trainable set) / the device's peak.
   Tokens/s is the trainer's last logging window (the first window, with warm-up, is left out),
-  data pipeline included.
+  data pipeline included. AdamW is the trainer's ``optimizer_impl: auto`` (fused on a GPU).
+  ``--compile`` adds a fourth run, the grown model with ``train.compile: true``, where it fits the
+  part's time box (its estimate includes compilation).
 - ``engine``: ``bench_engine.engine_figures`` at hidden 4096 (1 x 2048 tokens) and 2048
   (4 x 1024 tokens): shared over dense training step (``all`` and ``adapters+norms``), in-GEMM
   over autograd gradient summation, and inference over the materialised copy.
@@ -164,9 +166,19 @@ def _last_scalar(tb: Path, tag: str) -> float | None:
 
 
 def train_once(
-    ws: dict[str, Path], model: Any, trainable: str, stage: int, micro: int, steps: int, a: argparse.Namespace
+    ws: dict[str, Path],
+    model: Any,
+    trainable: str,
+    stage: int,
+    micro: int,
+    steps: int,
+    a: argparse.Namespace,
+    **train_kw: Any,
 ) -> dict[str, Any]:
-    """Train `model` `steps` steps with the real trainer; tokens/s and MFU of its last logging window."""
+    """Train `model` `steps` steps with the real trainer; tokens/s and MFU of its last logging window.
+
+    `train_kw` are further ``train`` keys of the recipe (``compile``).
+    """
     from flexigpt.shared.train.components import flop_count
     from flexigpt.shared.train.trainer import train
 
@@ -184,6 +196,7 @@ def train_once(
         warmup_steps=1,
         precision="bf16" if _cuda(a.device) else "fp32",
         peak_tflops=a.peak_tflops,
+        **train_kw,
     )
     d["model"]["attn_implementation"] = "sdpa"
     d["data"]["seq_len"] = a.seq
@@ -212,23 +225,26 @@ def part_train(report: Report, ws: dict[str, Path], box: Box, a: argparse.Namesp
     dtype = torch.bfloat16 if _cuda(a.device) else torch.float32
     plan, grow = grown_plan(a.tiny)
     micro = a.micro or grow.train.micro_batch
-    runs: list[tuple[str, Callable[[], Any], str]] = [
-        ("grown 22->36 (shared blocks)", lambda: apply_plan(llama_source(a.shape, 22, a.device, dtype), plan), grow.train.trainable),
-        ("dense 36 layers", lambda: llama_source(a.shape, 36, a.device, dtype), "all"),
-        ("base 22 layers", lambda: llama_source(a.shape, 22, a.device, dtype), "all"),
+    grown = lambda: apply_plan(llama_source(a.shape, 22, a.device, dtype), plan)  # noqa: E731
+    runs: list[tuple[str, Callable[[], Any], str, bool]] = [
+        ("grown 22->36 (shared blocks)", grown, grow.train.trainable, False),
+        ("dense 36 layers", lambda: llama_source(a.shape, 36, a.device, dtype), "all", False),
+        ("base 22 layers", lambda: llama_source(a.shape, 22, a.device, dtype), "all", False),
     ]  # fmt: skip
-    for name, build, trainable in runs:
-        if not box.fits(a.est_train_s):
-            report.skip(
-                "train", name, f"time box: {box.left():.0f} s left, a run needs about {a.est_train_s:.0f} s"
-            )
+    if a.compile:
+        runs.append(("grown 22->36 (shared blocks), compiled", grown, grow.train.trainable, True))
+    for name, build, trainable, compiled in runs:
+        need = a.est_train_s + (a.est_compile_s if compiled else 0)
+        if not box.fits(need):
+            report.skip("train", name, f"time box: {box.left():.0f} s left, a run needs about {need:.0f} s")
             continue
         model = build()
         if getattr(model, "plan", None) is None:  # a plain model trains under the identity plan
             model = apply_plan(model, Plan.identity("llama", model.config.num_hidden_layers))
-        r = train_once(ws, model, trainable, 2, micro, a.train_steps, a)
+        r = train_once(ws, model, trainable, 2, micro, a.train_steps, a, compile=compiled)
         del model
         setting = {
+            "compile": compiled,
             "model": name,
             "layers": 36 if "22->36" in name or "36" in name else 22,
             "trainable": trainable,
@@ -397,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--peak-tflops", type=float, default=None, help="peak for MFU (default: the trainer's table)"
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="train part: also train the grown model with train.compile=true, if it fits the time box",
+    )
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
     bad = [p for p in parts if p not in PARTS]
@@ -417,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         train_steps=2 if tiny else 30, pairs=2 if tiny else 5, spec_pairs=2 if tiny else 3,
         new_tokens=8 if tiny else 64,
         draft_lens=[2] if tiny else [2, 4], probe_batches=[1, 2] if tiny else [8, 16, 32, 64, 128],
-        peak_tflops=args.peak_tflops, work=None,
+        peak_tflops=args.peak_tflops, work=None, compile=args.compile,
         est_train_s=1 if tiny else 60, est_engine_s=1 if tiny else 90, est_spec_s=1 if tiny else 60,
-        est_probe_s=1 if tiny else 40,
+        est_probe_s=1 if tiny else 40, est_compile_s=40 if tiny else 90,
     )  # fmt: skip
     if not cuda:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -427,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "attention": "sdpa",
-        "optimizer": "torch.optim.AdamW (foreach)",
+        # the trainer's optimizer_impl: auto (fused on CUDA, PyTorch's default on the CPU)
+        "optimizer": "torch.optim.AdamW (fused)" if cuda else "torch.optim.AdamW (PyTorch's CPU default)",
     }
     budget = args.budget_s or (120.0 if tiny else 540.0)
     share = {"train": 0.3, "engine": 0.2, "speculative": 0.2, "memory": 0.3}

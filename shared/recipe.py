@@ -269,6 +269,18 @@ class TrainSection(Section):
         description="With shared blocks trainable: add each extra slot's weight gradient inside its GEMM "
         "(addmm, beta = 1) instead of autograd's weight-sized add; docs/engine.md, 'Cost of sharing'.",
     )
+    optimizer_impl: Literal["auto", "foreach", "fused"] = Field(
+        "auto",
+        description="Implementation of AdamW's update: fused (one fused kernel per parameter group, "
+        "torch.optim.AdamW(fused=True); CUDA and CPU), foreach (multi-tensor ops), or auto (fused on GPUs, "
+        "PyTorch's default elsewhere). The update is the same AdamW in each; docs/training.md, 'Speed options'.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder slot (regional compilation, before DeepSpeed wraps the "
+        "model); state-dict names stay those of the eager model. Refused with ZeRO-3, gradient_checkpointing "
+        "or shared_grad_in_gemm; docs/training.md, 'Speed options'.",
+    )
     seed: int = Field(0, description="Seed of torch / numpy / random on every rank (offset by rank).")
     log_every: int = Field(10, ge=1, description="Steps between TensorBoard scalars.")
     eval_every: int = Field(

@@ -21,6 +21,7 @@ from flexigpt.shared.engine.checkpoint import load_model
 from flexigpt.shared.engine.layout import get_layout
 from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.recipe import ModelSection, RecipeError, TrainSection
+from flexigpt.shared.train.speed import adamw_kwargs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -301,8 +302,19 @@ def peak_flops(train: TrainSection, device: torch.device, precision: str) -> flo
 
 
 # ------------------------------------------------------------------------------------ optimization
-def build_optimizer(model: nn.Module, train: TrainSection) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on 1-D tensors (norms, biases)."""
+def build_optimizer(
+    model: nn.Module, train: TrainSection, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on 1-D tensors (norms, biases).
+
+    Args:
+        model: the model (its parameters may still be on the CPU; DeepSpeed moves them).
+        train: the recipe section (``lr``, ``betas``, ``eps``, ``weight_decay``, ``optimizer_impl``).
+        device: the device training runs on, which ``optimizer_impl: auto`` chooses by; None: the CPU.
+
+    Raises:
+        RecipeError: PyTorch refuses the chosen implementation for these parameters.
+    """
     decay, no_decay = [], []
     for p in model.parameters():  # each shared Parameter once
         if p.requires_grad:
@@ -312,7 +324,13 @@ def build_optimizer(model: nn.Module, train: TrainSection) -> torch.optim.Optimi
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps)
+    impl = adamw_kwargs(train.optimizer_impl, device or torch.device("cpu"))
+    try:
+        return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, **impl)
+    except (RuntimeError, ValueError) as e:
+        raise RecipeError(
+            f"train.optimizer_impl={train.optimizer_impl!r}: PyTorch refuses it here: {e}"
+        ) from e
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

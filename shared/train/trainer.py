@@ -83,6 +83,7 @@ from flexigpt.shared.train.resume import (
     output_lock,
     resume_mode,
 )
+from flexigpt.shared.train.speed import prepare_model
 from flexigpt.shared.train.state import (
     CheckpointInfo,
     ResumeError,
@@ -230,8 +231,7 @@ def _train(
     set_grad_accumulation(model, t.shared_grad_in_gemm)
     plan_json = model.plan.to_json()
     fpt = flops_per_token(model, seq_len)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_model(model, t, stage)  # gradient checkpointing, compilation (before DeepSpeed wraps it)
 
     # -- which checkpoint, if any, and how much of it carries over ------------------------------
     # Everything above only read; from here on the run writes, so it holds output_dir alone.
@@ -273,7 +273,7 @@ def _train(
         write_text_atomic(out / "plan.json", plan_json + "\n")
     import deepspeed
 
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, device)
     scheduler = build_scheduler(optimizer, t, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False

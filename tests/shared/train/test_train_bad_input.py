@@ -197,6 +197,38 @@ def test_a_non_boolean_shared_grad_in_gemm(capsys, ws, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("train", "pattern"),
+    [
+        ({"optimizer_impl": "apex"}, "train.optimizer_impl: Input should be 'auto', 'foreach' or 'fused'"),
+        ({"compile": "fast"}, "train.compile: Input should be a valid boolean"),
+    ],
+)
+def test_bad_speed_option_values(capsys, ws, tmp_path: Path, train: dict, pattern: str) -> None:
+    path, out = _recipe(tmp_path, ws, **train)
+    capsys.readouterr()
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid recipe" in err and "Traceback" not in err, err
+    assert pattern in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("train", "pattern"),
+    [
+        ({"ds_config": "ds_configs/zero3.json"}, r"train\.compile=true with ZeRO-3 \(train\.ds_config\)"),
+        ({"gradient_checkpointing": True}, r"train\.compile=true with train\.gradient_checkpointing=true"),
+        ({"shared_grad_in_gemm": True}, r"train\.compile=true with train\.shared_grad_in_gemm=true"),
+    ],
+)
+def test_compile_combinations_it_cannot_compile(
+    capsys, ws, tmp_path: Path, train: dict, pattern: str
+) -> None:
+    path, out = _recipe(tmp_path, ws, compile=True, **train)
+    _refused(capsys, [str(path)], pattern, out)
+
+
 def test_export_of_a_missing_checkpoint(capsys, tmp_path: Path) -> None:
     _refused(
         capsys, ["export", str(tmp_path / "none"), str(tmp_path / "exp")], r"none is neither a checkpoint"
