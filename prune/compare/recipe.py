@@ -13,6 +13,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from flexigpt.prune.depth.recipe import VARIANTS, CalibrationSection, ReplaceSection, SelectionSection
+from flexigpt.prune.tailor.recipe import (
+    MERGE_METHODS,
+    BudgetSection,
+    ObjectiveSection,
+    TailorSection,
+    WarmStartSection,
+)
 from flexigpt.shared.command import CommandRecipe
 from flexigpt.shared.evaluate.cli import PerplexitySection, ZeroShotSection
 from flexigpt.shared.recipe import Section, register_recipe_kind
@@ -35,7 +42,7 @@ NORM_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 # Methods another command of the toolkit builds, each into output_dir/<method>/ as a baseline is
 # (initial/ and method.json, then the same recovery): name -> the module whose build(recipe, n, config,
 # log) does it. They run only when compare.methods names them.
-COMMAND_METHODS: dict[str, str] = {}
+COMMAND_METHODS: dict[str, str] = {"tailor": "flexigpt.prune.compare.tailor_method"}
 METHODS: tuple[str, ...] = (*VARIANTS, *NORM_METHODS, *BASELINE_METHODS, *COMMAND_METHODS)
 
 
@@ -64,6 +71,51 @@ class BaselineOptions(Section):
         ge=1,
         description="Reverse order: the last blocks whose recovery trains, with the LM head (the paper: 3).",
     )
+
+
+class CompareTailorSection(Section):
+    """The method ``tailor``: GPTailor's search (the tailor command) at the comparison's ratio.
+
+    The fields are the tailor command's own (docs/tailor.md); the ratio, the device, the export and
+    the recovery are the comparison's.
+    """
+
+    variants: dict[str, str] = Field(
+        default_factory=dict,
+        description="Fine-tuned variants of model.source (name -> local directory or hub id) whose layers the "
+        "search may stitch in; {}: none, the search only chooses which layers of the source to cut.",
+    )
+    objective: ObjectiveSection | None = Field(
+        None,
+        description="The lm-eval tasks the search optimises (the tailor command's tailor.objective); required "
+        "when compare.methods names tailor. Tasks that compare.zeroshot also reports are named in the table's "
+        "header: the tailor row's scores on them are not held out.",
+    )
+    trials: int = Field(
+        500,
+        ge=1,
+        description="Trials in all, warm starts included (the tailor command's tailor.trials). Another value "
+        "for a finished tailor model is refused, as is any other change of its search: use another output_dir.",
+    )
+    budgets: BudgetSection = Field(default_factory=BudgetSection, description="Multi-fidelity budgets.")
+    warm_start: WarmStartSection | None = Field(
+        None,
+        description="Heuristic warm start (the tailor command's tailor.warm_start); null: its default heuristics "
+        "with Block Influence on the comparison's calibration text (compare.calibration: its files, which must "
+        "be local .txt or .jsonl, num_samples and seq_len, one document per sample).",
+    )
+    sampler: Literal["tpe", "random"] = TailorSection.model_fields["sampler"]
+    seed: int = TailorSection.model_fields["seed"]
+    merge_methods: list[Literal["task_arithmetic", "ties", "linear"]] = TailorSection.model_fields[
+        "merge_methods"
+    ]
+
+    @field_validator("merge_methods")
+    @classmethod
+    def _merge_methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"give at least one of {list(MERGE_METHODS)}")
+        return v
 
 
 class SpeedSection(Section):
@@ -132,6 +184,11 @@ class CompareSection(Section):
         "measured on the trained slots); null: half of train.max_steps. compare.replace.norm_after stays null "
         "(flexigpt itself has its norm from the start).",
     )
+    tailor: CompareTailorSection = Field(
+        default_factory=CompareTailorSection,
+        description="The method tailor (GPTailor): its variants, objective and search; read only when "
+        "compare.methods names tailor.",
+    )
     lr: dict[str, float] = Field(
         default_factory=dict,
         description="Recovery learning rate per method (method -> lr), e.g. {shortgpt: 2.0e-4} for the full "
@@ -170,6 +227,11 @@ class CompareSection(Section):
                     f"methods: {m} sets replace {set_}, which compare.replace already holds, so it would be "
                     "flexigpt built twice; drop one of the two"
                 )
+        if "tailor" in self.methods and self.tailor.objective is None:
+            raise ValueError(
+                "tailor.objective: the method tailor needs the lm-eval tasks its search optimises, e.g. "
+                "compare.tailor.objective={tasks: [arc_easy]}"
+            )
         return self
 
 

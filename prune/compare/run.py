@@ -190,6 +190,15 @@ def build_command_methods(recipe: CompareRecipe, n: int, config: Any, log: Calla
             importlib.import_module(COMMAND_METHODS[name]).build(recipe, n, config, log)
 
 
+def command_hooks(recipe: CompareRecipe, hook: str) -> list[Callable]:
+    """The function `hook` of every command-built method of the recipe whose module has one: ``check(recipe,
+    n, config)`` refuses a recipe before anything is written, ``header_lines(recipe)`` adds to the header."""
+    mods = [
+        importlib.import_module(COMMAND_METHODS[m]) for m in recipe.compare.methods if m in COMMAND_METHODS
+    ]
+    return [getattr(mod, hook) for mod in mods if hasattr(mod, hook)]
+
+
 def train_baselines(recipe: CompareRecipe, log: Callable) -> None:
     """Recovery of every baseline (and command-built method) with the recipe's ``train:`` budget."""
     from flexigpt.shared.train.components import init_distributed
@@ -403,6 +412,8 @@ def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
     for m in c.methods:
         if m in NORM_METHODS:
             check_architecture(family_recipe(recipe, m), config, "compare")
+    for check in command_hooks(recipe, "check"):
+        check(recipe, n, config)
     _check_settings(out, settings(recipe, n))
     recipe.save(out / "compare_recipe.yaml")
     runs: list[tuple[PruneRecipe, str | None]] = [(pr, None)] if any(m in VARIANTS for m in c.methods) else []
@@ -501,6 +512,7 @@ def _header(
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
         f"- memory column: peak accelerator memory of the timed runs; on a CPU the weights' MiB. Wall time of "
         f"this command: {seconds:.0f} s",
+        *[line for lines in command_hooks(recipe, "header_lines") for line in lines(recipe)],
     ]
     return lines
 

@@ -118,10 +118,10 @@ class TailorSection(Section):
 
     variants: dict[str, str] = Field(
         ...,
-        min_length=1,
         description="Fine-tuned variants of model.source: name -> hub id or local directory (same architecture "
         "and shapes). Only their decoder layers are used; a variant whose tokenizer numbers the base's tokens "
-        "differently is refused, tokens it adds are ignored.",
+        "differently is refused, tokens it adds are ignored. {}: no variants, the search only chooses which "
+        "base layers to cut (every kept layer is the base's).",
     )
     ratio: float = Field(
         0.25,
