@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from flexigpt.prune.cli import main
 from flexigpt.prune.compare.card import param_counts
-from flexigpt.prune.compare.recipe import BASELINE_METHODS, METHODS
+from flexigpt.prune.compare.recipe import BASELINE_METHODS, COMMAND_METHODS, METHODS
 from flexigpt.prune.depth.baselines import BASELINES
 from flexigpt.shared.engine.checkpoint import load_model
 from flexigpt.shared.engine.plan import Plan
@@ -42,7 +42,7 @@ def _task(d: Path) -> Path:
 
 def test_registered_baselines_are_the_recipe_methods() -> None:
     assert set(BASELINE_METHODS) == set(BASELINES)
-    assert len(METHODS) == len(set(METHODS)) == 13
+    assert len(METHODS) == len(set(METHODS)) == 13 + len(COMMAND_METHODS)
 
 
 def _recipe_methods() -> list[str]:
