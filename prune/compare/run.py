@@ -10,6 +10,8 @@
   (``NORM_METHODS``);
 - ``<method>/`` for every baseline: ``initial/`` (the pruned plain model), ``method.json`` (what the
   method chose; written last, the completion mark), then the trainer's files and ``final/``;
+- ``surgeon-run/``: the surgeon command's run of method ``surgeon`` (its shrunk model is then
+  ``surgeon/initial/``, recovered like a baseline's);
 - ``cards/<model>.json``: the measured perplexities and zero-shot scores (reused on a rerun);
 - ``comparison.md`` / ``comparison.json`` / ``comparison.png``: the table and the figure.
 

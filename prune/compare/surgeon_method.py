@@ -79,7 +79,10 @@ def surgeon_recipe(recipe: CompareRecipe, n: int, layers: int) -> Any:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        raise PruneError(f"[{NAME}] compare.surgeon / model: {where}: {err['msg']}") from None
+        raise PruneError(
+            f"[{NAME}] the surgeon command refuses this comparison's values: {where + ': ' if where else ''}"
+            f"{err['msg']}"
+        ) from None
 
 
 def build(recipe: CompareRecipe, n: int, config: Any, log: Callable) -> None:
@@ -133,9 +136,9 @@ def build(recipe: CompareRecipe, n: int, config: Any, log: Callable) -> None:
             "dense_perplexity": summary["dense"]["perplexity"]["ppl"],
             "run": str(run_dir(recipe) / variant["name"]),
         },
-        "header": f"prunes rows and columns of every decoder linear to target_size {size:.4g}, the "
-        f"decoder-linear size of removing {n} of {layers} blocks, in {sr.surgeon.shots} shots; it removes "
-        "no layer",
+        "header": f"prunes rows and columns of every decoder linear to target_size {size:.4g} (non-zero "
+        f"decoder-linear weights: as many as removing {n} of {layers} blocks keeps) in {sr.surgeon.shots} "
+        "shots; it removes no layer, and zeros inside live units stay stored (the dec-linear column)",
         "seconds": time.perf_counter() - t0,
     }
     write_text_atomic(vdir / "method.json", json.dumps(info, indent=1) + "\n")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import flexigpt.prune.surgeon.run as surgeon_run
 from flexigpt.prune.cli import main
 from flexigpt.prune.compare.card import param_counts
@@ -52,7 +54,8 @@ def test_surgeon_is_recovered_and_judged_beside_shortgpt(prune_workspace, tmp_pa
     assert surgeon["ppl"]["data.eval"] > 1 and surgeon["ppl_start"]["data.eval"] > 1
     md = (out / "comparison.md").read_text()
     assert "| surgeon | 6 (0) |" in md and "| shortgpt | 4 (2) |" in md
-    assert "- surgeon: prunes rows and columns of every decoder linear to target_size 0.6667" in md
+    assert "- surgeon: prunes rows and columns of every decoder linear to target_size 0.6667 (" in md
+    assert "except where a line below says otherwise" in md
     # a rerun reuses the surgeon's model and run
     stamp = (out / "surgeon" / "method.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -98,3 +101,35 @@ def test_a_surgeon_model_without_a_finite_perplexity_is_not_kept(
     err = capsys.readouterr().err
     assert "[surgeon] the pruned model's perplexity is nan" in err and "Traceback" not in err, err
     assert not (out / "surgeon" / "method.json").exists() and not (out / "comparison.md").exists()
+
+
+def test_an_interrupted_surgeon_resumes_and_judges_without_recovery(
+    prune_workspace, tmp_path, monkeypatch, capsys
+) -> None:
+    real, calls = surgeon_run.prune_shot, []
+
+    def stop_at_second(model, samples, target, opts, log):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, samples, target, opts, log)
+
+    out = tmp_path / "free"
+    argv = [
+        RECIPE,
+        *prune_overrides(
+            prune_workspace, out, "compare.methods=[surgeon]", "compare.recovery=none", *EXTRA[1:]
+        ),
+    ]
+    monkeypatch.setattr(surgeon_run, "prune_shot", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert not (out / "surgeon" / "method.json").exists()
+    monkeypatch.setattr(surgeon_run, "prune_shot", real)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "[surgeon] resuming after shot 1 of 2" in capsys.readouterr().out
+    row = json.loads((out / "comparison.json").read_text())["methods"][0]
+    assert row["name"] == "surgeon" and row["path"] == str(out / "surgeon" / "initial")
+    assert row["recovery_tokens"] == 0 and row["layers_removed"] == 0
+    assert not (out / "surgeon" / "final").exists()
