@@ -42,7 +42,10 @@ NORM_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 # Methods another command of the toolkit builds, each into output_dir/<method>/ as a baseline is
 # (initial/ and method.json, then the same recovery): name -> the module whose build(recipe, n, config,
 # log) does it. They run only when compare.methods names them.
-COMMAND_METHODS: dict[str, str] = {"tailor": "flexigpt.prune.compare.tailor_method"}
+COMMAND_METHODS: dict[str, str] = {
+    "surgeon": "flexigpt.prune.compare.surgeon_method",
+    "tailor": "flexigpt.prune.compare.tailor_method",
+}
 METHODS: tuple[str, ...] = (*VARIANTS, *NORM_METHODS, *BASELINE_METHODS, *COMMAND_METHODS)
 
 
@@ -118,6 +121,48 @@ class CompareTailorSection(Section):
         return v
 
 
+class SurgeonOptions(Section):
+    """The LLM Surgeon in the comparison (method ``surgeon``, a surgeon run in output_dir/surgeon-run/).
+
+    It prunes rows and columns of every decoder linear (``structures: rows_columns``) to
+    ``target_size = (L - n) / L``, the decoder-linear weights a depth method keeps when it removes n of
+    L equal blocks, and keeps every layer. Its calibration text is ``compare.calibration``. There is
+    no ``structures`` key: element and 2:4 pruning keep every matrix at its size, so the table's
+    stored-parameter axis would mislead.
+    """
+
+    shots: int = Field(
+        8,
+        ge=1,
+        description="Shots of the linear schedule to the target size, the curvature re-estimated before each "
+        "(the paper: 8 shots per 10% removed; fewer are cheaper, each is a forward/backward pass over the "
+        "calibration text per group of compare.surgeon.blocks_per_pass blocks).",
+    )
+    damp_g: float = Field(0.01, ge=0, description="Damping of the gradient factor G (surgeon.damp_g).")
+    damp_a: float = Field(0.01, ge=0, description="Damping of the activation factor A (surgeon.damp_a).")
+    fisher: Literal["empirical", "sampled"] = Field(
+        "empirical",
+        description="Labels of the gradients in G: the true next tokens (empirical) or drawn from the model "
+        "(surgeon.fisher).",
+    )
+    blocks_per_pass: int | None = Field(
+        None,
+        ge=1,
+        description="Blocks whose K-FAC factors are collected in one calibration pass; null: all at once. "
+        "Fewer hold fewer factors in memory, at one more pass per group (surgeon.blocks_per_pass).",
+    )
+    factors: Literal["memory", "disk"] = Field(
+        "memory",
+        description="Where factors wait between the costs and the update: memory, or one file per layer "
+        "(surgeon.factors).",
+    )
+    lora: bool = Field(
+        False,
+        description="The first-order LoRA correction after every shot, absorbed into the weights, with the "
+        "surgeon's defaults (surgeon.lora); the paper's structured runs do not use it.",
+    )
+
+
 class SpeedSection(Section):
     """Measured cost of every model and of the source, in one process, one after another."""
 
@@ -155,6 +200,10 @@ class CompareSection(Section):
     replace: ReplaceSection = Field(default_factory=ReplaceSection, description="FlexiGPT replacement slots.")
     baselines: BaselineOptions = Field(
         default_factory=BaselineOptions, description="Options of the baselines."
+    )
+    surgeon: SurgeonOptions = Field(
+        default_factory=SurgeonOptions,
+        description="Method surgeon: the LLM Surgeon pruned to the depth methods' decoder-linear size.",
     )
     recovery: Literal["equal", "none"] = Field(
         "equal",

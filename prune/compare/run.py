@@ -10,6 +10,8 @@
   (``NORM_METHODS``);
 - ``<method>/`` for every baseline: ``initial/`` (the pruned plain model), ``method.json`` (what the
   method chose; written last, the completion mark), then the trainer's files and ``final/``;
+- ``surgeon-run/``: the surgeon command's run of method ``surgeon`` (its shrunk model is then
+  ``surgeon/initial/``, recovered like a baseline's);
 - ``cards/<model>.json``: the measured perplexities and zero-shot scores (reused on a rerun);
 - ``comparison.md`` / ``comparison.json`` / ``comparison.png``: the table and the figure.
 
@@ -128,6 +130,7 @@ def settings(recipe: CompareRecipe, n: int) -> dict[str, Any]:
         "text": recipe.text.model_dump(mode="json"),
         "train": recipe.train.model_dump(mode="json"),
         **({"compare.lr": c.lr} if c.lr else {}),
+        **({"compare.surgeon": c.surgeon.model_dump(mode="json")} if "surgeon" in c.methods else {}),
     }
 
 
@@ -438,6 +441,8 @@ def run(recipe: CompareRecipe, *, log: Callable = print) -> list[Card]:
         if (vdir / "method.json").is_file():
             card.notes = json.loads((vdir / "method.json").read_text())
             card.method_tokens = _method_tokens(name, card.notes["notes"])
+            if name in COMMAND_METHODS:  # what another command removed, e.g. no layer at all
+                card.layers_removed = len(card.notes["removed"])
         cards.append(card)
     header = _header(recipe, n, config.num_hidden_layers, texts, cards, time.perf_counter() - t0)
     md, js, png = write_card(cards, source, out, header)
@@ -497,7 +502,9 @@ def _header(
         "# Depth-pruning methods side by side",
         "",
         f"- source: `{recipe.model.source}` ({layers} layers; {source_revision(recipe.model.source)}); every "
-        f"method removes {n} ({c.ratio:.0%}, rule {c.ratio_rule})",
+        f"method removes {n} ({c.ratio:.0%}, rule {c.ratio_rule})"
+        + (", except where a line below says otherwise" if any(m.notes.get("header") for m in cards) else ""),
+        *[f"- {card.name}: {card.notes['header']}" for card in cards if card.notes.get("header")],
         f"- calibration: {c.calibration.num_samples} samples of <= {c.calibration.seq_len} tokens "
         f"({'packed' if c.calibration.pack else 'one document each'}), one text for every method",
         f"- text rule: {texts.rule.summary()}",
