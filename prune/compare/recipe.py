@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from flexigpt.prune.depth.recipe import VARIANTS, CalibrationSection, ReplaceSection, SelectionSection
+from flexigpt.prune.surgeon.recipe import SurgeonSection
 from flexigpt.prune.tailor.recipe import (
     MERGE_METHODS,
     BudgetSection,
@@ -138,24 +139,12 @@ class SurgeonOptions(Section):
         "(the paper: 8 shots per 10% removed; fewer are cheaper, each is a forward/backward pass over the "
         "calibration text per group of compare.surgeon.blocks_per_pass blocks).",
     )
-    damp_g: float = Field(0.01, ge=0, description="Damping of the gradient factor G (surgeon.damp_g).")
-    damp_a: float = Field(0.01, ge=0, description="Damping of the activation factor A (surgeon.damp_a).")
-    fisher: Literal["empirical", "sampled"] = Field(
-        "empirical",
-        description="Labels of the gradients in G: the true next tokens (empirical) or drawn from the model "
-        "(surgeon.fisher).",
-    )
-    blocks_per_pass: int | None = Field(
-        None,
-        ge=1,
-        description="Blocks whose K-FAC factors are collected in one calibration pass; null: all at once. "
-        "Fewer hold fewer factors in memory, at one more pass per group (surgeon.blocks_per_pass).",
-    )
-    factors: Literal["memory", "disk"] = Field(
-        "memory",
-        description="Where factors wait between the costs and the update: memory, or one file per layer "
-        "(surgeon.factors).",
-    )
+    # the surgeon command's own fields (docs/surgeon.md)
+    damp_g: float = SurgeonSection.model_fields["damp_g"]
+    damp_a: float = SurgeonSection.model_fields["damp_a"]
+    fisher: Literal["empirical", "sampled"] = SurgeonSection.model_fields["fisher"]
+    blocks_per_pass: int | None = SurgeonSection.model_fields["blocks_per_pass"]
+    factors: Literal["memory", "disk"] = SurgeonSection.model_fields["factors"]
     lora: bool = Field(
         False,
         description="The first-order LoRA correction after every shot, absorbed into the weights, with the "

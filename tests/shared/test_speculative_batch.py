@@ -24,19 +24,12 @@ from .test_speculative import (
     VOCAB,
     _chi2_pvalue,
     _exact_joint,
+    _one_thread,  # noqa: F401  (an autouse fixture)
     _peaked,
     _sampling_model,
     grown_plan,
     pruned_plan,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _prompts(pads: tuple[int, ...], n: int = 10, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
