@@ -21,7 +21,10 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.mark.parametrize("flag", [["--local_rank=1"], ["--local-rank", "1"]])
 def test_the_parser_accepts_the_launchers_local_rank(flag: list[str], monkeypatch) -> None:
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # use_local_rank writes os.environ itself: set and delete through monkeypatch first, so that the
+    # variable is put back as it was (absent, as a later test's launcher-env guard expects)
+    monkeypatch.setenv("LOCAL_RANK", "unset")
+    monkeypatch.delenv("LOCAL_RANK")
     # the deepspeed launcher puts the flag before the recipe; the overrides still follow it
     args = _train_parser().parse_args([*flag, "r.yaml", "train.lr=1e-3", "train.max_steps=2"])
     assert args.local_rank == 1 and args.recipe == "r.yaml"
