@@ -503,8 +503,7 @@ def _header(
         "",
         f"- source: `{recipe.model.source}` ({layers} layers; {source_revision(recipe.model.source)}); every "
         f"method removes {n} ({c.ratio:.0%}, rule {c.ratio_rule})"
-        + (", except where a line below says otherwise" if any(m.notes.get("header") for m in cards) else ""),
-        *[f"- {card.name}: {card.notes['header']}" for card in cards if card.notes.get("header")],
+        + (", except where a line below says otherwise" if any(m.layers_removed != n for m in cards) else ""),
         f"- calibration: {c.calibration.num_samples} samples of <= {c.calibration.seq_len} tokens "
         f"({'packed' if c.calibration.pack else 'one document each'}), one text for every method",
         f"- text rule: {texts.rule.summary()}",

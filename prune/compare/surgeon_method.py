@@ -136,9 +136,6 @@ def build(recipe: CompareRecipe, n: int, config: Any, log: Callable) -> None:
             "dense_perplexity": summary["dense"]["perplexity"]["ppl"],
             "run": str(run_dir(recipe) / variant["name"]),
         },
-        "header": f"prunes rows and columns of every decoder linear to target_size {size:.4g} (non-zero "
-        f"decoder-linear weights: as many as removing {n} of {layers} blocks keeps) in {sr.surgeon.shots} "
-        "shots; it removes no layer, and zeros inside live units stay stored (the dec-linear column)",
         "seconds": time.perf_counter() - t0,
     }
     write_text_atomic(vdir / "method.json", json.dumps(info, indent=1) + "\n")
@@ -151,3 +148,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def header_lines(recipe: CompareRecipe) -> list[str]:
+    """What the table's header says of the method: what its size matches (it removes no layer)."""
+    done = Path(recipe.output_dir) / NAME / "method.json"
+    if not done.is_file():
+        return []
+    info = json.loads(done.read_text())
+    notes = info["notes"]
+    return [
+        f"- surgeon: prunes rows and columns of every decoder linear to target_size {notes['target_size']:.4g} "
+        f"(non-zero decoder-linear weights: as many as removing {notes['as_blocks_removed']} of "
+        f"{len(info['layers'])} blocks keeps) in {notes['shots']} shots; it removes no layer, and zeros inside "
+        "live units stay stored (the dec-linear column)"
+    ]

@@ -32,7 +32,7 @@ import torch
 from flexigpt.prune.depth.build import PruneError
 from flexigpt.prune.depth.gamma import MEASURED, GammaCalibration, measure_gamma, norms_bypassed, output_norms
 from flexigpt.prune.depth.recipe import PruneRecipe
-from flexigpt.prune.depth.run import INITIAL, NORMED, RunDir, source_config, train_recipe, variant_plan
+from flexigpt.prune.depth.run import INITIAL, RunDir, source_config, train_recipe, variant_plan
 from flexigpt.prune.depth.selection import SelectionResult
 from flexigpt.prune.depth.steps import StartPerplexity, gamma_tensors, resolve_device
 from flexigpt.shared.command import load_command_tokenizer
@@ -42,7 +42,7 @@ from flexigpt.shared.engine.plan import Plan
 from flexigpt.shared.evaluate.perplexity import sample_perplexity
 from flexigpt.shared.files import atomic_dir, write_text_atomic
 
-PHASE1, RECORD = "phase1", "gamma_late.json"
+PHASE1, NORMED, RECORD = "phase1", "initial_normed", "gamma_late.json"
 
 
 def recover(

@@ -72,7 +72,7 @@ from flexigpt.shared.engine.plan import Plan, PlanError
 from flexigpt.shared.files import write_text_atomic
 from flexigpt.shared.recipe import TrainRecipe
 
-INITIAL, PLAIN, NORMED = "initial", "initial_plain", "initial_normed"
+INITIAL, PLAIN = "initial", "initial_plain"
 
 
 class RunDir:
@@ -234,12 +234,10 @@ def variant_state(rd: RunDir, name: str, plan: Plan) -> str:
     mark = vdir / "plan.json"
     if not mark.is_file():
         return "fresh"
-    saved = Plan.load(mark).to_dict()
-    normed = vdir / NORMED / "plan.json"
-    if saved != plan.to_dict() and normed.is_file() and saved == Plan.load(normed).to_dict():
-        # the recovery of a late output norm trains (and records) the plan with the norms: the built one
-        # is initial/'s
-        saved = Plan.load(vdir / INITIAL / "plan.json").to_dict()
+    # the plan initial/ was saved with: the recovery's trainer records its own plan in the mark's
+    # place, which gains the output norms when they are added late (replace.norm_after)
+    built = vdir / INITIAL / "plan.json"
+    saved = Plan.load(built if built.is_file() else mark).to_dict()
     if saved != plan.to_dict():
         raise PruneError(
             f"{vdir} was built with another plan ({mark}); refusing to overwrite a started run. Use another "

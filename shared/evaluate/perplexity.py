@@ -394,11 +394,10 @@ def section_documents(section: Any) -> Iterator[str]:
     the WikiText-2 perplexity text of the SparseGPT, SliceGPT and LLM Surgeon code.
     """
     docs = file_documents(section.files) if section.files else stream_documents(section.stream)
-    join = getattr(section, "join", None)
-    if join is None:
+    if section.join is None:
         yield from docs
     else:
-        yield join.join(docs)
+        yield section.join.join(docs)
 
 
 def describe_section(section: Any) -> str:
@@ -406,8 +405,7 @@ def describe_section(section: Any) -> str:
     from flexigpt.shared.text import describe_stream
 
     source = f"files {section.files}" if section.files else describe_stream(section.stream)
-    join = getattr(section, "join", None)
-    return source if join is None else f"{source}, documents joined with {join!r}"
+    return source if section.join is None else f"{source}, documents joined with {section.join!r}"
 
 
 def stream_documents(cfg: Any) -> Iterator[str]:
