@@ -534,10 +534,16 @@ def train_recipe(
     train: dict[str, Any] = dict(overrides or {})
     if name == "shortgpt":
         train["trainable"] = "all"
-    plan = Plan.load(initial / "plan.json")
-    if "materialized" in recipe.train.export and any(s.out_norm for s in plan.slots):
-        train["export"] = "compact"  # output norms have no plain-model counterpart
+    train.update(compact_export(recipe.train.export, Plan.load(initial / "plan.json")))
     return handoff_train_recipe(recipe, initial, output_dir=output_dir or vdir, train=train)
+
+
+def compact_export(export: str, plan: Plan) -> dict[str, Any]:
+    """``train:`` values for a recovery from a model of `plan`: a plan with output norms exports compact
+    only (they have no plain-model counterpart), so a ``materialized`` export is dropped."""
+    if "materialized" in export and any(s.out_norm for s in plan.slots):
+        return {"export": "compact"}
+    return {}
 
 
 def run(recipe: PruneRecipe, *, prune_only: bool = False, log: Callable = print) -> Any:

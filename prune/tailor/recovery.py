@@ -127,6 +127,7 @@ def flexigpt_initial(recipe: TailorRecipe, log: Callable[..., None] = print) -> 
 
 def recovery_recipe(recipe: TailorRecipe, log: Callable[..., None] = print) -> Any:
     """The ``train`` recipe of the recipe's recovery (``tailor.recovery`` plain or flexigpt)."""
+    from flexigpt.prune.depth.run import compact_export
     from flexigpt.shared.command import handoff_train_recipe
     from flexigpt.shared.engine.plan import Plan
 
@@ -134,8 +135,5 @@ def recovery_recipe(recipe: TailorRecipe, log: Callable[..., None] = print) -> A
     if recipe.tailor.recovery == "plain":
         return handoff_train_recipe(recipe, out / "model", output_dir=out / "recovery")
     initial = flexigpt_initial(recipe, log)
-    train: dict[str, Any] = {}
-    plan = Plan.load(initial / "plan.json")
-    if "materialized" in recipe.train.export and any(s.out_norm for s in plan.slots):
-        train["export"] = "compact"  # output norms have no plain-model counterpart
+    train = compact_export(recipe.train.export, Plan.load(initial / "plan.json"))
     return handoff_train_recipe(recipe, initial, output_dir=out / "flexigpt", train=train)
