@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -191,10 +191,8 @@ def calibrate_gamma(
     def ppl_at(gamma: Gamma) -> float:
         put(gamma)
         label = gamma if isinstance(gamma, str) else f"{gamma:g}"
-        if gamma == NONE:
-            with norms_bypassed(norms):
-                return sample_perplexity(model, samples, progress=progress, desc=f"gamma {label}").ppl
-        return sample_perplexity(model, samples, progress=progress, desc=f"gamma {label}").ppl
+        with norms_bypassed(norms) if gamma == NONE else nullcontext():
+            return sample_perplexity(model, samples, progress=progress, desc=f"gamma {label}").ppl
 
     if target_ppl is None:
         target_ppl = ppl_at(0.0)
